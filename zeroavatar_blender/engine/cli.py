@@ -1,0 +1,188 @@
+"""``python -m zeroavatar_blender.engine``: the engine as a command-line program.
+
+    generate PHOTO --out JOB     the whole pipeline: perceive, fit, [optimise], finalise, export
+    fit PHOTO --out JOB          perception and body fit only (writes fit.json and a body preview)
+    optimise JOB                 field optimisation (quality standard/full), reads pose_edit.json
+    finalise JOB                 the rigged avatar bundle and its exports
+    resume JOB                   continue an interrupted job from its last checkpoint
+
+Exit codes are protocol.EXIT_*; every run appends JSON events to JOB/events.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__, protocol
+from .errors import BadInputError, EngineError
+from .job import Job, install_signal_cancel
+from .pipeline import QUALITIES, JobSettings, subject_name
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "json", "none"), default="auto",
+                   help="terminal output: a progress bar (auto on a terminal), log lines, JSON events, or nothing")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="where to optimise (default auto)")
+
+
+def _add_photo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("photo", type=Path, help="photo of one person (JPEG, PNG, ...)")
+    p.add_argument("--out", type=Path, required=True, help="job folder to create (or reuse)")
+    from .body import BODY_CHOICES
+
+    p.add_argument("--body", choices=BODY_CHOICES, default="anny",
+                   help="parametric body: anny (default, free, offline) or smpl/smplx (your own model file)")
+    p.add_argument("--body-model-path", default=None, help="SMPL/SMPL-X model file (.npz, or .pkl) or folder")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading a .pkl body model you trust with Python's pickle (default: safe loader)")
+    p.add_argument("--person", type=int, default=None,
+                   help="which person in a group photo, 1 = leftmost (default: the largest)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_optimise_args(p: argparse.ArgumentParser, default_quality: str | None) -> None:
+    p.add_argument("--quality", choices=QUALITIES, default=default_quality,
+                   help="fast: textured body; standard: field optimisation without diffusion (CPU, minutes); "
+                        "full: ZeroAvatar with Stable Diffusion + depth ControlNet (needs the weights, a GPU)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default depends on quality)")
+    p.add_argument("--prompt", default=None, help="text prompt for full quality (default: describes a person)")
+    p.add_argument("--sd-weights", default=None, help="Stable Diffusion 1.5 weights: HF repo id in your cache, folder or .safetensors")
+    p.add_argument("--controlnet-weights", default=None, help="depth ControlNet: HF repo id in your cache, folder or .safetensors")
+    p.add_argument("--texture-size", type=int, default=None, choices=(512, 1024, 2048, 4096))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m zeroavatar_blender.engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"zeroavatar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="photo -> rigged, textured avatar (whole pipeline)")
+    _add_photo_args(p)
+    _add_optimise_args(p, "fast")
+    p.add_argument("--no-export", action="store_true", help="write the avatar bundle only (no FBX/GLB)")
+    _add_common(p)
+    p = sub.add_parser("fit", help="perception and body fit only")
+    _add_photo_args(p)
+    _add_common(p)
+    p = sub.add_parser("optimise", aliases=["optimize"], help="optimise the field of a fitted job")
+    p.add_argument("job", type=Path)
+    _add_optimise_args(p, None)
+    _add_common(p)
+    p = sub.add_parser("finalise", aliases=["finalize"], help="build the avatar bundle and exports of a job")
+    p.add_argument("job", type=Path)
+    p.add_argument("--no-export", action="store_true")
+    _add_common(p)
+    p = sub.add_parser("resume", help="continue an interrupted job from its last checkpoint")
+    p.add_argument("job", type=Path)
+    _add_common(p)
+    return parser
+
+
+def _settings_from_args(args: argparse.Namespace, settings: JobSettings) -> JobSettings:
+    for name in ("body", "body_model_path", "allow_pickle", "seed", "quality", "steps", "prompt", "sd_weights",
+                 "controlnet_weights", "texture_size", "device"):
+        value = getattr(args, name, None)
+        if value is not None and value is not False:
+            setattr(settings, name, value)
+    if getattr(args, "person", None) is not None:
+        if args.person < 1:
+            raise BadInputError(f"--person {args.person}: people are numbered from 1 (leftmost)", "use --person 1, 2, ...")
+        settings.person = args.person - 1
+    if getattr(args, "no_export", False):
+        settings.export = False
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import pipeline
+    from .progress import TerminalProgress
+
+    command = {"optimize": "optimise", "finalize": "finalise"}.get(args.command, args.command)
+    job_root = args.out if command in ("generate", "fit") else args.job
+    if command not in ("generate", "fit") and not (job_root / "job.json").exists():
+        print(f"error: {job_root} is not a ZeroAvatar job folder (no job.json)", file=sys.stderr)
+        return protocol.EXIT_BAD_INPUT
+    job = Job(job_root)
+    job.progress_hook = TerminalProgress(args.progress)
+    try:
+        job.open()
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    install_signal_cancel(job)
+    job.emit("started", pid=os.getpid(), command=command, version=__version__, argv=sys.argv[1:])
+    try:
+        if command in ("generate", "fit"):
+            photo = args.photo.expanduser()
+            settings = _settings_from_args(args, JobSettings(subject=subject_name(photo)))
+            if command == "fit":
+                settings.quality = "fast"
+            settings.save(job)
+            steps: list[Callable[[], object]] = [
+                lambda: pipeline.stage_perceive(job, settings, photo),
+                lambda: pipeline.stage_fit(job, settings),
+            ]
+            if command == "fit":
+                steps.append(lambda: pipeline.stage_fit_preview(job, settings))
+            else:
+                steps += [lambda: pipeline.stage_optimise(job, settings),
+                          lambda: pipeline.stage_finalise(job, settings)]
+                if settings.export:
+                    steps.append(lambda: pipeline.stage_export(job, settings))
+        else:
+            settings = _settings_from_args(args, JobSettings.load(job))
+            settings.save(job)
+            if command == "optimise":
+                steps = [lambda: pipeline.stage_optimise(job, settings)]
+            elif command == "finalise":
+                steps = [lambda: pipeline.stage_finalise(job, settings)]
+                if settings.export:
+                    steps.append(lambda: pipeline.stage_export(job, settings))
+            else:  # resume: whatever is missing, from the last checkpoint
+                steps = pipeline.resume_steps(job, settings)
+        for step in steps:
+            job.check_cancel()
+            step()
+    except EngineError as exc:
+        status = "cancelled" if exc.code == protocol.EXIT_CANCELLED else "failed"
+        job.emit("error", code=exc.code, message=exc.message, hint=exc.hint)
+        job.emit("done", status=status, code=exc.code)
+        return exc.code
+    except KeyboardInterrupt:
+        job.emit("done", status="cancelled", code=protocol.EXIT_CANCELLED)
+        return protocol.EXIT_CANCELLED
+    except MemoryError:
+        job.emit("error", code=protocol.EXIT_FAILED, message="out of memory",
+                 hint="close other programs, lower --texture-size, or use quality fast")
+        job.emit("done", status="failed", code=protocol.EXIT_FAILED)
+        return protocol.EXIT_FAILED
+    except Exception as exc:  # a bug: say so, keep the traceback in the log
+        trace = traceback.format_exc()
+        try:
+            with open(job.layout.log, "a", encoding="utf-8") as f:
+                f.write(trace)
+        except OSError:
+            pass
+        sys.stderr.write(trace)
+        job.emit("error", code=protocol.EXIT_FAILED, message=f"engine error: {type(exc).__name__}: {exc}",
+                 hint=f"this is a bug; the traceback is in {job.layout.log}")
+        job.emit("done", status="failed", code=protocol.EXIT_FAILED)
+        return protocol.EXIT_FAILED
+    finally:
+        job.close()
+    job.emit("done", status="ok", code=protocol.EXIT_OK)
+    return protocol.EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    return run(args)
