@@ -103,12 +103,12 @@ def rasterize(verts_px: np.ndarray, depth: np.ndarray, faces: np.ndarray, width:
 
 
 def arm_pose(body, down_deg: float = 20.0) -> torch.Tensor:
-    """Pose (1,J,3) lowering both upper arms from Anny's A-pose a little, for a relaxed stance."""
+    """Pose (1,J,3) lowering both upper arms from Anny's A-pose by ``down_deg`` (negative raises)."""
     pose = torch.zeros(1, body.num_bones, 3, dtype=body.dtype)
     a = np.radians(down_deg)
-    # +X is the subject's left; lowering the left arm rotates it about -Y (it faces -Y).
-    pose[0, body.bone_names.index("upperarm01.L"), 1] = -a
-    pose[0, body.bone_names.index("upperarm01.R"), 1] = a
+    # +X is the subject's left and Y points behind: lowering the left arm turns it about +Y.
+    pose[0, body.bone_names.index("upperarm01.L"), 1] = a
+    pose[0, body.bone_names.index("upperarm01.R"), 1] = -a
     return pose
 
 
@@ -257,3 +257,17 @@ def write_huge_grey_jpeg(path: Path, width: int, height: int, level: int = 128) 
         stream += int(tail_bits, 2).to_bytes(len(tail_bits) // 8, "big")
     data = bytes(stream).replace(b"\xff", b"\xff\x00")
     Path(path).write_bytes(b"\xff\xd8" + dqt + sof + dht + sos + data + b"\xff\xd9")
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit greyscale (H,W) or RGB (H,W,3) PNG; Pillow cannot write 16-bit RGB itself."""
+    h, w = pixels.shape[:2]
+    colour_type = 2 if pixels.ndim == 3 else 0
+    raw = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
+                           + _png_chunk(b"IEND", b""))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))

@@ -32,7 +32,7 @@ class BodyParams:
 
     pose: (B, J, 3) axis-angle per bone in the model's own local convention (bone 0 unused:
     the global rotation is ``global_orient``); shape: (B, S); global_orient: (B, 3) axis-angle
-    about the root joint; transl: (B, 3) world translation added after the rotation.
+    about the world origin; transl: (B, 3) world translation added after the rotation.
     """
 
     pose: torch.Tensor

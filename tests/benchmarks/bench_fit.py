@@ -1,0 +1,202 @@
+"""Body-fit benchmark on synthetic ground truth: `python -m tests.benchmarks.bench_fit [--cases a,b]`.
+
+Each case poses Anny (named poses, varied shape and turn), looks at it with a known camera,
+projects the COCO keypoints (with pixel noise) and rasterises the silhouette; the fit sees only
+that Perception. Printed per case: MPJPE after root (mid-hip) alignment in mm, silhouette IoU,
+2D keypoint error and seconds. The tests (tests/engine/test_fit.py) reuse these cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from zeroavatar_blender.engine.body.base import BodyModel, BodyParams
+from zeroavatar_blender.engine.cameras import Camera, intrinsics, look_at
+from zeroavatar_blender.engine.perception import Perception
+from zeroavatar_blender.engine.render.raster import rasterize
+
+# Named poses as Anny local-ref rotation vectors (radians, world-aligned axes at rest: +X is the
+# subject's left, -Y their front, +Z up; e.g. a thigh turning about -X swings forward).
+POSES: dict[str, dict[str, tuple[float, float, float]]] = {
+    "standing": {
+        "upperarm01.L": (0.0, 0.45, 0.0), "upperarm01.R": (0.0, -0.45, 0.0),
+        "lowerarm01.L": (-0.3, 0.0, 0.0), "lowerarm01.R": (-0.3, 0.0, 0.0),
+        "upperleg01.L": (0.0, 0.08, 0.0), "upperleg01.R": (0.0, -0.08, 0.0),
+        "neck02": (0.1, 0.0, 0.0),
+    },
+    "walking": {
+        "upperleg01.L": (-0.45, 0.05, 0.0), "lowerleg01.L": (0.25, 0.0, 0.0),
+        "upperleg01.R": (0.35, -0.05, 0.0), "lowerleg01.R": (0.55, 0.0, 0.0),
+        "upperarm01.L": (0.35, 0.35, 0.0), "upperarm01.R": (-0.4, -0.35, 0.0),
+        "lowerarm01.R": (0.0, 0.0, 0.3), "spine03": (0.05, 0.0, 0.1),
+    },
+    "arms_raised": {
+        "clavicle.L": (0.0, -0.25, 0.0), "clavicle.R": (0.0, 0.25, 0.0),
+        "upperarm01.L": (0.0, -1.7, 0.0), "upperarm01.R": (0.0, 1.7, 0.0),
+        "lowerarm01.L": (-0.2, -0.3, 0.0), "lowerarm01.R": (-0.2, 0.3, 0.0),
+        "upperleg01.L": (0.0, -0.12, 0.0), "upperleg01.R": (0.0, 0.12, 0.0),
+    },
+    "kick": {
+        "upperleg01.R": (-1.2, -0.1, 0.0), "lowerleg01.R": (0.35, 0.0, 0.0),
+        "upperleg01.L": (0.1, 0.0, 0.0), "lowerleg01.L": (0.15, 0.0, 0.0),
+        "spine03": (0.15, 0.0, 0.0), "spine02": (0.1, 0.0, 0.0),
+        "upperarm01.L": (0.0, -0.7, 0.0), "upperarm01.R": (0.5, 0.6, 0.0),
+        "lowerarm01.R": (0.0, 0.0, 0.6),
+    },
+    "half_body": {
+        "upperarm01.L": (0.0, 0.3, 0.0), "upperarm01.R": (-0.3, -0.2, 0.0),
+        "lowerarm01.R": (0.0, 0.0, 0.9), "head": (0.1, 0.0, 0.15),
+    },
+}
+
+
+@dataclass
+class Case:
+    name: str
+    pose: str
+    shape: dict[str, float] = field(default_factory=dict)  # phenotype name -> value (others 0.5)
+    yaw_deg: float = 0.0  # the subject's turn about the vertical; 0 faces the camera
+    distance: float = 3.0  # metres from the camera to the aim point
+    camera_height: float = 0.3  # metres above the pelvis (Anny's root is at the pelvis)
+    aim: tuple[float, float, float] = (0.0, 0.0, -0.05)
+    size: tuple[int, int] = (512, 512)
+    focal_px: float | None = None  # None: the engine's default lens (and no EXIF)
+    mask_scale: float = 1.0
+    noise_px: float = 1.5
+    seed: int = 0
+
+
+CASES: dict[str, Case] = {c.name: c for c in (
+    Case("standing", "standing", {"gender": 0.2, "weight": 0.6}, yaw_deg=10, distance=3.0),
+    Case("walking", "walking", {"gender": 0.8, "muscle": 0.65, "height": 0.6}, yaw_deg=-25, distance=3.5, seed=1),
+    Case("arms_raised", "arms_raised", {"weight": 0.35, "proportions": 0.6}, yaw_deg=5, distance=4.0, seed=2),
+    Case("kick", "kick", {"gender": 0.6, "height": 0.45, "weight": 0.55}, yaw_deg=30, distance=3.5, seed=3),
+    Case("landscape", "walking", {"gender": 0.3, "age": 0.55}, yaw_deg=15, distance=3.2, size=(960, 540),
+         focal_px=620.0, aim=(0.6, 0.0, -0.05), mask_scale=0.5, seed=4),
+    Case("close", "standing", {"gender": 0.7, "weight": 0.45}, yaw_deg=-10, distance=2.5, camera_height=0.1,
+         size=(480, 640), seed=5),
+)}
+HALF_BODY = Case("half_body", "half_body", {"gender": 0.4}, yaw_deg=-5, distance=1.5, camera_height=0.45,
+                 aim=(0.0, 0.0, 0.35), seed=6)
+
+
+@dataclass
+class Truth:
+    params: BodyParams
+    camera: Camera
+    keypoints_cam: np.ndarray  # (17,3)
+    keypoints2d: np.ndarray  # (17,2) without noise
+    mask: np.ndarray  # (h,w) bool at the mask resolution
+
+
+def case_params(body: BodyModel, case: Case) -> BodyParams:
+    p = body.zero_params()
+    for bone, rv in POSES[case.pose].items():
+        p.pose[0, body.bone_names.index(bone)] = torch.tensor(rv, dtype=p.pose.dtype)
+    for name, value in case.shape.items():
+        p.shape[0, body.shape_names.index(name)] = value
+    p.global_orient[0] = torch.tensor([0.0, 0.0, math.radians(case.yaw_deg)])
+    return p
+
+
+def make_case(body: BodyModel, case: Case) -> tuple[Perception, Truth]:
+    """The Perception a perfect detector would give for this case, and the ground truth."""
+    params = case_params(body, case)
+    W, H = case.size
+    K = intrinsics(W, H, case.focal_px)
+    aim = np.asarray(case.aim)
+    eye = aim + np.array([0.0, -case.distance, case.camera_height])
+    camera = Camera(K, look_at(eye, aim), W, H)
+    with torch.no_grad():
+        out = body.forward(params)
+    verts = out.vertices[0].double().numpy()
+    kp = out.keypoints[0].double().numpy()
+    kp2d = camera.project(kp)
+    rng = np.random.default_rng(case.seed)
+    noisy = kp2d + rng.normal(0, case.noise_px, kp2d.shape)
+    inside = (noisy[:, 0] >= 0) & (noisy[:, 0] <= W - 1) & (noisy[:, 1] >= 0) & (noisy[:, 1] <= H - 1)
+    conf = np.where(inside, rng.uniform(0.75, 1.0, 17), 0.0).astype(np.float32)
+    mcam = camera.scaled(case.mask_scale)
+    r = rasterize(torch.as_tensor(camera.to_cam(verts), dtype=torch.float32), torch.as_tensor(body.faces),
+                  torch.as_tensor(mcam.K, dtype=torch.float32), mcam.width, mcam.height)
+    mask = r.mask.numpy()
+    ys, xs = np.nonzero(mask)
+    bbox = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32) / case.mask_scale
+    perception = Perception(np.where(inside[:, None], noisy, 0).astype(np.float32), conf, mask.astype(np.float32),
+                            float(case.mask_scale), (W, H), bbox, 0, 1)
+    return perception, Truth(params, camera, camera.to_cam(kp), kp2d, mask)
+
+
+def mpjpe_mm(pred_cam: np.ndarray, true_cam: np.ndarray, joints: list[int] | None = None) -> float:
+    """Mean joint error after aligning the mid-hips (root), in millimetres."""
+    p = pred_cam - pred_cam[[11, 12]].mean(0)
+    t = true_cam - true_cam[[11, 12]].mean(0)
+    idx = list(range(17)) if joints is None else joints
+    return float(np.linalg.norm(p[idx] - t[idx], axis=1).mean() * 1000)
+
+
+def fitted_mask(body: BodyModel, fit, truth: Truth, mask_scale: float) -> np.ndarray:
+    """The fitted body's silhouette at the truth mask's resolution, from the saved camera and params."""
+    with torch.no_grad():
+        verts = body.forward(fit.params).vertices[0].double().numpy()
+    cam = fit.camera.scaled(mask_scale)
+    h, w = truth.mask.shape
+    r = rasterize(torch.as_tensor(fit.camera.to_cam(verts), dtype=torch.float32), torch.as_tensor(body.faces),
+                  torch.as_tensor(cam.K, dtype=torch.float32), w, h)
+    return r.mask.numpy()
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum()) / max(int((a | b).sum()), 1)
+
+
+def evaluate(body: BodyModel, case: Case, fit, perception: Perception, truth: Truth) -> dict[str, float]:
+    pred = fitted_mask(body, fit, truth, case.mask_scale)
+    seen = perception.confidence > 0
+    err2d = np.linalg.norm(fit.keypoints2d - truth.keypoints2d, axis=1)[seen].mean()
+    return {"mpjpe_mm": mpjpe_mm(fit.keypoints3d_cam, truth.keypoints_cam), "iou": iou(pred, truth.mask),
+            "kp_err_px": float(err2d), "seconds": float(fit.metrics["seconds"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from zeroavatar_blender.engine.body import load_body
+    from zeroavatar_blender.engine.fit import fit_body
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=",".join([*CASES, HALF_BODY.name]))
+    ap.add_argument("--iterations", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    body = load_body("anny")
+    cases = {**CASES, HALF_BODY.name: HALF_BODY}
+    fit_body(make_case(body, cases["standing"])[0], body, iterations=2)  # warm-up: caches, allocator
+    print(f"{'case':12s} {'size':>9s} {'MPJPE mm':>9s} {'IoU':>6s} {'2D px':>6s} {'s':>6s}")
+    rows = []
+    for name in args.cases.split(","):
+        case = cases[name]
+        perception, truth = make_case(body, case)
+        started = time.perf_counter()
+        fit = fit_body(perception, body, focal_px=case.focal_px, iterations=args.iterations, seed=case.seed)
+        wall = time.perf_counter() - started
+        m = evaluate(body, case, fit, perception, truth)
+        rows.append(m)
+        print(f"{name:12s} {case.size[0]:4d}x{case.size[1]:<4d} {m['mpjpe_mm']:9.1f} {m['iou']:6.3f} "
+              f"{m['kp_err_px']:6.2f} {wall:6.2f}", flush=True)
+    if rows:
+        print(f"{'mean':12s} {'':9s} {np.mean([r['mpjpe_mm'] for r in rows]):9.1f} "
+              f"{np.mean([r['iou'] for r in rows]):6.3f} {np.mean([r['kp_err_px'] for r in rows]):6.2f} "
+              f"{np.mean([r['seconds'] for r in rows]):6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Multiresolution hash-grid encoding (Instant-NGP, Mueller et al. 2022) in plain PyTorch.
+
+Why plain PyTorch: it runs (and trains) on the CPU machines that most users and CI have. On a
+CUDA device with tiny-cuda-nn installed, ``make_hash_grid`` swaps in its fused HashGrid, which is
+the same encoding (same levels, table size, features, growth factor) at a fraction of the cost.
+
+Conventions (as tiny-cuda-nn): inputs in [0, 1]^3; level l has resolution
+floor(base_resolution * b^l) with b = exp((ln max_resolution - ln base_resolution) / (L - 1));
+a level whose dense grid fits the table is indexed densely, the others through the spatial hash
+``(x * 1) xor (y * 2654435761) xor (z * 805459861) mod T``; features are blended trilinearly,
+so the encoding is continuous and differentiable in both the inputs and the tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+_PRIMES = (1, 2654435761, 805459861)
+# The 8 corners of a cell as (8, 3) 0/1 offsets.
+_CORNERS = torch.tensor([[(i >> 0) & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)], dtype=torch.int64)
+
+
+@dataclass
+class HashGridConfig:
+    """One hash-grid encoding. Defaults are Instant-NGP's; CPU runs want smaller tables."""
+
+    n_levels: int = 16  # L
+    n_features_per_level: int = 2  # F
+    log2_hashmap_size: int = 19  # T = 2^log2_hashmap_size entries per level at most
+    base_resolution: int = 16  # N_min, cells along the unit cube's side at the coarsest level
+    max_resolution: int = 2048  # N_max at the finest level
+    init_scale: float = 1e-4  # tables start uniform in [-init_scale, init_scale]
+    implementation: Literal["auto", "torch", "tcnn"] = "auto"  # auto: tcnn on CUDA when importable
+
+    def __post_init__(self) -> None:
+        if self.n_levels < 1 or self.n_features_per_level < 1:
+            raise ValueError("a hash grid needs at least one level and one feature per level")
+        if not 4 <= self.log2_hashmap_size <= 30:
+            raise ValueError(f"log2_hashmap_size must be in [4, 30], got {self.log2_hashmap_size}")
+        if self.base_resolution < 1 or self.max_resolution < self.base_resolution:
+            raise ValueError("need 1 <= base_resolution <= max_resolution")
+
+    @property
+    def growth_factor(self) -> float:
+        """b, the per-level scale."""
+        if self.n_levels == 1:
+            return 1.0
+        return math.exp((math.log(self.max_resolution) - math.log(self.base_resolution)) / (self.n_levels - 1))
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_levels * self.n_features_per_level
+
+    @property
+    def table_size(self) -> int:
+        return 1 << self.log2_hashmap_size
+
+
+def level_resolutions(config: HashGridConfig) -> list[int]:
+    """Cells along the unit cube's side at each level: floor(N_min * b^l)."""
+    b = config.growth_factor
+    return [int(math.floor(config.base_resolution * b**level + 1e-6)) for level in range(config.n_levels)]
+
+
+def level_table_sizes(config: HashGridConfig) -> list[int]:
+    """Entries per level: the dense grid (res+1)^3 when it fits T (rounded up to 8), else T."""
+    sizes = []
+    for res in level_resolutions(config):
+        dense = (res + 1) ** 3
+        sizes.append(min(config.table_size, (dense + 7) // 8 * 8))
+    return sizes
+
+
+def spatial_hash(coords: torch.Tensor) -> torch.Tensor:
+    """Instant-NGP's hash of integer grid coordinates. (..., 3) int64 -> (...,) int64 (>= 0).
+
+    Products stay below 2^43 for coordinates below 2^11, so int64 never overflows; the low bits
+    equal tiny-cuda-nn's uint32 arithmetic, so ``mod T`` (T a power of two) agrees with it.
+    """
+    h = coords[..., 0] * _PRIMES[0]
+    h = torch.bitwise_xor(h, coords[..., 1] * _PRIMES[1])
+    return torch.bitwise_xor(h, coords[..., 2] * _PRIMES[2])
+
+
+def _outer3(a: torch.Tensor, op: str) -> torch.Tensor:
+    """Combine per-axis corner terms into the 8 corners. (..., 3, 2) -> (..., 8), corner
+    i = (i & 1, (i >> 1) & 1, (i >> 2) & 1) as in _CORNERS."""
+    x, y, z = a[..., 0, :], a[..., 1, :], a[..., 2, :]
+    x, y, z = x[..., None, None, :], y[..., None, :, None], z[..., :, None, None]
+    if op == "xor":
+        out = torch.bitwise_xor(torch.bitwise_xor(x, y), z)
+    elif op == "add":
+        out = x + y + z
+    else:
+        out = x * y * z
+    return out.reshape(*a.shape[:-2], 8)
+
+
+def corner_rows(base: torch.Tensor, resolutions: torch.Tensor, table_sizes: torch.Tensor, offsets: torch.Tensor,
+                hashed: torch.Tensor) -> torch.Tensor:
+    """Rows of the stacked tables for the 8 corners of each point's cell, per level.
+
+    base (N, L, 3) int64 lower cell corners; per-level (L,) resolutions, table sizes, row
+    offsets and whether the level is hashed -> (N, L, 8) int64. Hashing or dense indexing is
+    done per axis and combined over the corners, 8x fewer multiplications than per corner.
+    """
+    c = torch.stack([base, base + 1], -1)  # (N, L, 3, 2)
+    side = (resolutions + 1)[None, :, None, None]
+    dense_c = torch.minimum(c, side - 1)  # the far corner at x == 1 carries zero weight
+    strides = torch.stack([torch.ones_like(side), side, side * side], 2)[..., 0:1].reshape(1, -1, 3, 1)
+    dense = _outer3(dense_c * strides, "add")
+    primes = torch.tensor(_PRIMES, dtype=torch.int64, device=base.device).reshape(1, 1, 3, 1)
+    mask = (table_sizes - 1)[None, :, None, None]  # hashed levels have power-of-two sizes
+    hashed_rows = _outer3(torch.bitwise_and(c * primes, mask), "xor")
+    rows = torch.where(hashed[None, :, None], hashed_rows, dense)
+    return rows + offsets[None, :, None]
+
+
+def corner_indices(corners: torch.Tensor, resolutions: torch.Tensor, table_sizes: torch.Tensor,
+                   offsets: torch.Tensor, hashed: torch.Tensor) -> torch.Tensor:
+    """Reference (per-corner) version of ``corner_rows`` for explicit corners, used in tests.
+
+    corners (N, L, 8, 3) int64 -> (N, L, 8) int64 row indices into the stacked tables.
+    """
+    side = (resolutions + 1)[None, :, None]
+    dense = corners[..., 0] + corners[..., 1] * side + corners[..., 2] * side * side
+    index = torch.where(hashed[None, :, None], spatial_hash(corners), dense)
+    return torch.remainder(index, table_sizes[None, :, None]) + offsets[None, :, None]
+
+
+def trilinear_weights(frac: torch.Tensor) -> torch.Tensor:
+    """Weights of the 8 corners for fractional positions. (N, L, 3) -> (N, L, 8), summing to 1."""
+    return _outer3(torch.stack([1 - frac, frac], -1), "mul")
+
+
+class HashGridEncoding(nn.Module):
+    """Pure-PyTorch hash grid: (N, 3) in [0, 1] -> (N, L * F) features (level-major)."""
+
+    def __init__(self, config: HashGridConfig) -> None:
+        super().__init__()
+        self.config = config
+        res = level_resolutions(config)
+        sizes = level_table_sizes(config)
+        offsets = [0]
+        for s in sizes[:-1]:
+            offsets.append(offsets[-1] + s)
+        self.register_buffer("resolutions", torch.tensor(res, dtype=torch.int64), persistent=False)
+        self.register_buffer("table_sizes", torch.tensor(sizes, dtype=torch.int64), persistent=False)
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64), persistent=False)
+        hashed = [(r + 1) ** 3 > s for r, s in zip(res, sizes)]
+        self.register_buffer("hashed", torch.tensor(hashed, dtype=torch.bool), persistent=False)
+        table = torch.empty(sum(sizes), config.n_features_per_level)
+        nn.init.uniform_(table, -config.init_scale, config.init_scale)
+        self.embeddings = nn.Parameter(table)
+
+    @property
+    def out_dim(self) -> int:
+        return self.config.out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, 3) in [0, 1] (clamped) -> (N, L * F) in the table's dtype."""
+        if x.dim() != 2 or x.shape[-1] != 3:
+            raise ValueError(f"hash grid expects (N, 3) positions, got {tuple(x.shape)}")
+        x = x.clamp(0.0, 1.0).to(self.embeddings.dtype)
+        pos = x[:, None, :] * self.resolutions.to(x.dtype)[None, :, None]  # (N, L, 3)
+        base = pos.floor()
+        frac = pos - base
+        rows = corner_rows(base.long(), self.resolutions, self.table_sizes, self.offsets, self.hashed)
+        feats = nn.functional.embedding(rows, self.embeddings)  # (N, L, 8, F)
+        out = (trilinear_weights(frac)[..., None] * feats).sum(2)  # (N, L, F)
+        return out.reshape(x.shape[0], -1)
+
+
+class TcnnHashGrid(nn.Module):
+    """tiny-cuda-nn's fused HashGrid with the same configuration (CUDA only)."""
+
+    def __init__(self, config: HashGridConfig) -> None:
+        super().__init__()
+        import tinycudann as tcnn  # guarded by make_hash_grid
+
+        self.config = config
+        self.encoding = tcnn.Encoding(3, {
+            "otype": "HashGrid", "n_levels": config.n_levels,
+            "n_features_per_level": config.n_features_per_level,
+            "log2_hashmap_size": config.log2_hashmap_size,
+            "base_resolution": config.base_resolution, "per_level_scale": config.growth_factor,
+        })
+
+    @property
+    def out_dim(self) -> int:
+        return self.config.out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoding(x.clamp(0.0, 1.0)).float()
+
+
+def tcnn_available(device: torch.device | str) -> bool:
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        import tinycudann  # noqa: F401
+    except Exception:  # ImportError, or a build that fails to load its CUDA library
+        return False
+    return True
+
+
+def make_hash_grid(config: HashGridConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The encoding for ``device``: tiny-cuda-nn's when asked or (auto) available, else PyTorch."""
+    if config.implementation == "tcnn" and not tcnn_available(device):
+        raise RuntimeError("hash grid implementation 'tcnn' needs a CUDA device and the tinycudann package; "
+                           "use implementation='torch' or 'auto'")
+    if config.implementation == "tcnn" or (config.implementation == "auto" and tcnn_available(device)):
+        return TcnnHashGrid(config).to(device)
+    return HashGridEncoding(config).to(device)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,535 @@
+"""Fit the parametric body (shape, pose, camera) to the photo's 2D keypoints and person mask.
+
+The camera keeps a fixed rotation (``cameras.FRONT_VIEW_R``) and the photo's focal length; the
+body's ``global_orient`` carries the viewing angle. Steps:
+  1. initialise: depth from the torso's size in pixels, then a rigid fit of the rest body's torso
+     and face to their keypoints from several starting turns (front, three-quarter, back) and both
+     left/right labellings; a visible face decides front from back, the given labels break ties;
+  2. pose: every fitted bone, with a robust (Geman-McClure) reprojection loss, a pose prior toward
+     a natural standing pose and joint limits (knees, elbows, hips); near-ties from step 1 are
+     carried as a batch and the better one kept;
+  3. pose + shape + silhouette: vertices off the mask (distance transform) and mask pixels no
+     vertex comes near (coverage), on an evenly spread vertex subset.
+Joints with zero confidence (a half-body photo's legs) are left to the prior: they hang straight.
+Afterwards the translation is moved into the camera, so the body's root is at the world origin.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import fit_losses as L
+from . import pose_prior as P
+from .body.base import COCO17, COCO17_MIRROR, BodyModel, BodyParams, rotvec_to_matrix
+from .cameras import FRONT_VIEW_R, Camera, intrinsics, project_torch
+from .errors import BadInputError, NoPersonError
+
+FIT_FORMAT = "zeroavatar.fit"
+FIT_VERSION = 1
+
+_SH_L, _SH_R, _HIP_L, _HIP_R = 5, 6, 11, 12
+_TORSO = (5, 6, 11, 12)
+_FACE = (0, 1, 2, 3, 4)
+_VISIBLE = 0.2  # confidence above which a keypoint counts as seen
+
+
+@dataclass
+class BodyFit:
+    body: str  # "anny" | "smpl" | "smplx"
+    body_model_path: str | None
+    params: BodyParams  # batch 1
+    camera: Camera  # for the ORIGINAL photo size (K in original px, OpenCV world_to_cam)
+    keypoints3d_cam: np.ndarray  # (17,3) COCO keypoints in camera space, metres
+    keypoints2d: np.ndarray  # (17,2) their projections in original photo px
+    metrics: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FIT_FORMAT, "version": FIT_VERSION,
+            "body": self.body, "body_model_path": self.body_model_path,
+            "params": self.params.to_json(),
+            "camera": self.camera.to_json(),
+            "keypoint_names": list(COCO17),
+            "keypoints3d_cam": np.asarray(self.keypoints3d_cam, dtype=np.float64).round(6).tolist(),
+            "keypoints2d": np.asarray(self.keypoints2d, dtype=np.float64).round(3).tolist(),
+            "metrics": _plain(self.metrics),
+        }
+
+    def save(self, path: str | Path) -> None:
+        from .job import atomic_write_json
+
+        atomic_write_json(Path(path), self.to_json())
+
+    @staticmethod
+    def load(path: str | Path) -> "BodyFit":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise BadInputError(f"no body fit at {path}", "run the fit stage first (`fit` or `generate`)") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadInputError(f"the body fit {path} is unreadable: {exc}", "rerun the fit stage") from exc
+        return BodyFit.from_json(data, source=str(path))
+
+    @staticmethod
+    def from_json(data: Any, source: str = "fit.json") -> "BodyFit":
+        hint = "rerun the fit stage to write a new one"
+        if not isinstance(data, dict) or data.get("format") != FIT_FORMAT:
+            raise BadInputError(f"{source} is not a ZeroAvatar body fit", hint)
+        if int(data.get("version", 0)) > FIT_VERSION:
+            raise BadInputError(f"{source} was written by a newer ZeroAvatar (fit version {data['version']})",
+                                "update the add-on and engine")
+        try:
+            params = BodyParams.from_json(data["params"])
+            camera = Camera.from_json(data["camera"])
+            kp3 = np.asarray(data["keypoints3d_cam"], dtype=np.float64).reshape(17, 3)
+            kp2 = np.asarray(data["keypoints2d"], dtype=np.float64).reshape(17, 2)
+            fit = BodyFit(str(data["body"]), data.get("body_model_path"), params, camera, kp3, kp2,
+                          dict(data.get("metrics", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInputError(f"{source} is damaged ({type(exc).__name__}: {exc})", hint) from exc
+        if params.pose.dim() != 3 or params.pose.shape[0] != 1 or params.shape.dim() != 2:
+            raise BadInputError(f"{source} is damaged (pose/shape arrays have the wrong shape)", hint)
+        return fit
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe copy (numpy scalars, tuples, non-finite floats -> None)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+@dataclass
+class FitConfig:
+    """Weights and schedule. Distances are in torso lengths (see fit_losses)."""
+
+    rigid_iterations: int = 60
+    pose_iterations: int = 40  # stage 2: keypoints only
+    full_iterations: int = 70  # stage 3: + shape + silhouette
+    lr_pose: float = 0.05
+    lr_orient: float = 0.03
+    lr_transl: float = 0.03  # metres
+    lr_shape: float = 0.01  # metres of mean vertex motion
+    sigma_kp: float = 0.15
+    w_pose: float = 0.004
+    w_limit: float = 1.0
+    w_upright: float = 0.02
+    w_shape: float = 0.002
+    w_outside: float = 0.3
+    w_cover: float = 0.3
+    sigma_sil: float = 0.1
+    vertex_subset: int = 1200
+    tie_margin: float = 0.25  # carry a second start when its rigid loss is within this ratio
+
+
+@dataclass
+class _Target:
+    kp: torch.Tensor  # (2,17,2) as given and with left/right swapped
+    conf: torch.Tensor  # (2,17)
+    scale_px: float
+    K: torch.Tensor
+    R: torch.Tensor  # (3,3) world -> camera rotation
+    face_seen: float
+
+
+def fit_body(perception: Any, body: BodyModel, *, focal_px: float | None = None, iterations: int | None = None,
+             on_progress: Callable[[int, int, float], None] | None = None,
+             check_cancel: Callable[[], None] | None = None, seed: int = 0,
+             config: FitConfig | None = None) -> BodyFit:
+    """Fit ``body`` to a Perception (keypoints and mask in the original photo's pixels).
+
+    ``iterations`` scales the pose and full stages (default 110 in all); ``on_progress(step,
+    total, loss)`` and ``check_cancel()`` are called once per step.
+    """
+    started = time.perf_counter()
+    cfg = config or FitConfig()
+    if iterations is not None:
+        total = cfg.pose_iterations + cfg.full_iterations
+        cfg = FitConfig(**{**cfg.__dict__, "pose_iterations": max(1, round(iterations * cfg.pose_iterations / total)),
+                           "full_iterations": max(0, iterations - round(iterations * cfg.pose_iterations / total))})
+    torch.manual_seed(seed)
+    kp, conf, mask, mask_scale, (W, H) = _check_perception(perception)
+    dtype, device = body.dtype, body.device
+    prior = P.body_prior(body)
+    K = intrinsics(W, H, focal_px)
+    target = _make_target(kp, conf, K, prior, dtype, device)
+    total_steps = cfg.pose_iterations + cfg.full_iterations
+    step = 0
+
+    def tick(loss: float) -> None:
+        nonlocal step
+        step += 1
+        if check_cancel is not None:
+            check_cancel()
+        if on_progress is not None:
+            on_progress(step, total_steps, loss)
+
+    if check_cancel is not None:
+        check_cancel()
+    starts = _rigid_starts(target, prior, cfg)
+    var, label, chosen = _fit_pose(body, prior, target, starts, cfg, tick)
+    if cfg.full_iterations:
+        sil = L.silhouette_target(mask, mask_scale, seed=seed, dtype=dtype)
+        sil.outside, sil.points = sil.outside.to(device), sil.points.to(device)
+        var = _fit_full(body, prior, target, sil, var, label, cfg, tick)
+    metrics = {"start": chosen, "starts_tried": len(starts.scores), "left_right_swapped": bool(label)}
+    return _finish(body, var, label, target, K, (W, H), mask, mask_scale, started, step, metrics)
+
+
+# -- input ------------------------------------------------------------------------------------
+def _check_perception(p: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, tuple[int, int]]:
+    hint = "rerun the perception stage (the job's perception.npz does not match this engine)"
+    try:
+        kp = np.asarray(p.keypoints, dtype=np.float64)
+        conf = np.asarray(p.confidence, dtype=np.float64)
+        mask = np.asarray(p.mask, dtype=np.float32)
+        mask_scale = float(p.mask_scale)
+        W, H = (int(v) for v in p.image_size)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise BadInputError(f"the perception result is incomplete ({exc})", hint) from exc
+    if kp.shape != (17, 2) or conf.shape != (17,):
+        raise BadInputError(f"expected 17 COCO keypoints, got {kp.shape} and confidences {conf.shape}", hint)
+    if mask.ndim != 2 or min(mask.shape) < 2 or not mask_scale > 0 or W < 2 or H < 2:
+        raise BadInputError(f"bad person mask {mask.shape} (scale {mask_scale}) for a {W}x{H} photo", hint)
+    conf = np.where(np.isfinite(conf) & np.isfinite(kp).all(1), np.clip(conf, 0, 1), 0.0)
+    kp = np.nan_to_num(kp)
+    seen = conf > _VISIBLE
+    torso_seen = int(seen[list(_TORSO)].sum())
+    if torso_seen < 2 or int(seen.sum()) < 4:
+        raise NoPersonError(f"too little of the person is visible to fit a body ({int(seen.sum())} of 17 keypoints, "
+                            f"{torso_seen} of 4 on the torso)",
+                            "use a photo that shows at least the head and shoulders, or choose another person")
+    return kp, conf, mask, mask_scale, (W, H)
+
+
+def _torso_scale_px(kp: np.ndarray, conf: np.ndarray, rest_kp: np.ndarray) -> tuple[float, float]:
+    """The person's size: (torso length in px, px per metre at their depth from the least
+    foreshortened of the torso and head segments)."""
+    seen = conf > _VISIBLE
+
+    def mid(a: int, b: int, pts: np.ndarray) -> np.ndarray | None:
+        if seen[a] and seen[b]:
+            return (pts[a] + pts[b]) / 2
+        return pts[a] if seen[a] else pts[b] if seen[b] else None
+
+    segments = []
+    for a2, b2 in (((_SH_L, _SH_R), (_HIP_L, _HIP_R)),):
+        p, q = mid(*a2, kp), mid(*b2, kp)
+        if p is not None and q is not None:
+            segments.append((np.linalg.norm(p - q), np.linalg.norm(mid(*a2, rest_kp) - mid(*b2, rest_kp))))
+    for a, b in ((_SH_L, _SH_R), (_HIP_L, _HIP_R), (3, 4)):
+        if seen[a] and seen[b]:
+            segments.append((np.linalg.norm(kp[a] - kp[b]), np.linalg.norm(rest_kp[a] - rest_kp[b])))
+    sh = mid(_SH_L, _SH_R, kp)
+    if seen[0] and sh is not None:
+        segments.append((np.linalg.norm(kp[0] - sh), np.linalg.norm(rest_kp[0] - mid(_SH_L, _SH_R, rest_kp))))
+    px_per_m = max((l2 / l3 for l2, l3 in segments if l3 > 1e-3), default=0.0)
+    if px_per_m <= 0:
+        raise NoPersonError("cannot tell the person's size from the keypoints",
+                            "use a photo where the shoulders or hips are visible")
+    torso_m = np.linalg.norm(rest_kp[[5, 6]].mean(0) - rest_kp[[11, 12]].mean(0))
+    return float(px_per_m * torso_m), float(px_per_m)
+
+
+def _make_target(kp: np.ndarray, conf: np.ndarray, K: np.ndarray, prior: P.BodyPrior, dtype: torch.dtype,
+                 device: torch.device) -> _Target:
+    scale_px, _ = _torso_scale_px(kp, conf, prior.rest_keypoints.cpu().double().numpy())
+    mirror = list(COCO17_MIRROR)
+    kps = torch.tensor(np.stack([kp, kp[mirror]]), dtype=dtype, device=device)
+    confs = torch.tensor(np.stack([conf, conf[mirror]]), dtype=dtype, device=device)
+    face = conf[[0, 1, 2]]
+    face_seen = float(face[0] > 0.5 and (face[1] > 0.5 or face[2] > 0.5))
+    return _Target(kps, confs, scale_px, torch.tensor(K, dtype=dtype, device=device),
+                   torch.tensor(FRONT_VIEW_R, dtype=dtype, device=device), face_seen)
+
+
+# -- step 1: rigid starts ---------------------------------------------------------------------
+@dataclass
+class _Starts:
+    orient: torch.Tensor  # (C,3)
+    transl: torch.Tensor  # (C,3)
+    labels: torch.Tensor  # (C,) 0 as given, 1 left/right swapped
+    scores: list[float]
+
+
+def _axis_angle(axis: tuple[float, float, float], angle: float) -> np.ndarray:
+    return np.asarray(axis, dtype=np.float64) * angle
+
+
+def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Rotation vector of R(a) @ R(b)."""
+    from scipy.spatial.transform import Rotation
+
+    return (Rotation.from_rotvec(a) * Rotation.from_rotvec(b)).as_rotvec()
+
+
+def _rigid_starts(t: _Target, prior: P.BodyPrior, cfg: FitConfig) -> _Starts:
+    """Rigid fits of the rest body from several turns and both labellings, best first."""
+    dtype, device = t.K.dtype, t.K.device
+    rest = prior.rest_keypoints
+    kp0, conf0 = t.kp[0].double().cpu().numpy(), t.conf[0].double().cpu().numpy()
+    _, px_per_m = _torso_scale_px(kp0, conf0, rest.double().cpu().numpy())
+    depth = float(t.K[0, 0]) / px_per_m
+    # In-plane lean from the 2D torso axis (image up = world +Z, image right = world +X).
+    seen = conf0 > _VISIBLE
+    roll = 0.0
+    if seen[[5, 6]].any() and seen[[11, 12]].any():
+        up = kp0[[5, 6]][seen[[5, 6]]].mean(0) - kp0[[11, 12]][seen[[11, 12]]].mean(0)
+        roll = math.atan2(up[0], -up[1])
+    yaws = (0.0, -math.pi / 3, math.pi / 3, math.pi)
+    orients, labels = [], []
+    for label in (0, 1):
+        for yaw in yaws:
+            orients.append(_compose(_axis_angle((0, 1, 0), roll), _axis_angle((0, 0, 1), yaw)))
+            labels.append(label)
+    C = len(orients)
+    orient = torch.tensor(np.stack(orients), dtype=dtype, device=device)
+    lab = torch.tensor(labels, dtype=torch.long, device=device)
+    # Place the rest torso centre on the ray through the 2D torso centre at the estimated depth.
+    idx = [i for i in _TORSO if seen[i]]
+    c2 = kp0[idx].mean(0)
+    ray = np.linalg.solve(t.K.double().cpu().numpy(), np.array([c2[0], c2[1], 1.0]))
+    centre_world = FRONT_VIEW_R.T @ (ray * depth)
+    centre_rest = rest[idx].mean(0)
+    transl = torch.tensor(centre_world, dtype=dtype, device=device) - \
+        (rotvec_to_matrix(orient) @ centre_rest.to(dtype))  # (C,3)
+    weights = torch.zeros(17, dtype=dtype, device=device)
+    weights[list(_TORSO)] = 1.0
+    weights[list(_FACE)] = 0.3
+    kp_t, conf_t = t.kp[lab], t.conf[lab] * weights
+    orient.requires_grad_(True)
+    transl.requires_grad_(True)
+    opt = torch.optim.Adam([{"params": [orient], "lr": 0.05}, {"params": [transl], "lr": 0.05}])
+    for i in range(cfg.rigid_iterations):
+        pts = (rotvec_to_matrix(orient) @ rest.T).transpose(1, 2) + transl[:, None]
+        uv, _ = project_torch(pts, t.K, _world_to_cam(t.R))
+        loss = L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, 0.3)
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+    with torch.no_grad():
+        pts = (rotvec_to_matrix(orient) @ rest.T).transpose(1, 2) + transl[:, None]
+        uv, _ = project_torch(pts, t.K, _world_to_cam(t.R))
+        loss = L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, 0.3)
+        # The body faces -Y; the camera looks along +Y. A face seen means facing the camera.
+        # The body faces -Y, the camera looks along +Y: R[1,1] is the cosine of "facing the camera".
+        away = (-rotvec_to_matrix(orient)[:, 1, 1]).clamp_min(0)
+        score = loss + 0.5 * t.face_seen * away + 0.01 * lab.to(dtype)
+    order = torch.argsort(score).tolist()
+    return _Starts(orient.detach()[order], transl.detach()[order], lab[order], [float(score[i]) for i in order])
+
+
+def _world_to_cam(R: torch.Tensor) -> torch.Tensor:
+    M = torch.eye(4, dtype=R.dtype, device=R.device)
+    M[:3, :3] = R
+    return M
+
+
+# -- steps 2 and 3 ------------------------------------------------------------------------------
+def _pick_starts(starts: _Starts, cfg: FitConfig) -> list[int]:
+    """The best start, plus the best clearly different one when it is nearly as good."""
+    best = [0]
+    R = rotvec_to_matrix(starts.orient)
+    for i in range(1, len(starts.scores)):
+        angle = torch.arccos(((R[0].T @ R[i]).diagonal().sum() - 1).clamp(-2, 2) / 2).item()
+        if angle > 0.5 and starts.scores[i] <= starts.scores[0] * (1 + cfg.tie_margin) + 0.01:
+            best.append(i)
+            break
+    return best
+
+
+class _Variables:
+    """The optimised tensors of a batch of candidate fits: fitted bones, orientation, translation,
+    shape in metres of vertex motion (so one learning rate suits every shape space)."""
+
+    def __init__(self, body: BodyModel, prior: P.BodyPrior, orient: torch.Tensor, transl: torch.Tensor,
+                 pose: torch.Tensor | None = None, shape_z: torch.Tensor | None = None) -> None:
+        B = orient.shape[0]
+        self.body, self.prior = body, prior
+        self.bones = torch.as_tensor(body.fit_bones, dtype=torch.long, device=orient.device)
+        self.pose = (pose if pose is not None else
+                     prior.mean[self.bones].expand(B, -1, -1)).clone().requires_grad_(True)
+        self.orient = orient.clone().requires_grad_(True)
+        self.transl = transl.clone().requires_grad_(True)
+        self.shape_z = (shape_z if shape_z is not None else
+                        orient.new_zeros(B, body.shape_dim)).clone().requires_grad_(True)
+
+    def params(self) -> BodyParams:
+        B = self.orient.shape[0]
+        full = self.prior.mean.expand(B, -1, -1).clone()
+        full = full.index_copy(1, self.bones, self.pose)
+        shape = self.prior.shape_mean + self.shape_z / self.prior.shape_scale
+        return BodyParams(full, shape, self.orient, self.transl)
+
+    def select(self, i: int) -> "_Variables":
+        return _Variables(self.body, self.prior, self.orient.detach()[i:i + 1], self.transl.detach()[i:i + 1],
+                          self.pose.detach()[i:i + 1], self.shape_z.detach()[i:i + 1])
+
+
+def _prior_terms(params: BodyParams, prior: P.BodyPrior, cfg: FitConfig) -> torch.Tensor:
+    return (cfg.w_pose * P.pose_prior_loss(params.pose, prior)
+            + cfg.w_limit * P.limit_loss(params.pose, prior.limits)
+            + cfg.w_upright * P.upright_loss(params.global_orient)
+            + cfg.w_shape * P.shape_prior_loss(params.shape, prior))
+
+
+def _schedule(opt: torch.optim.Optimizer, base: list[float], i: int, n: int) -> None:
+    """Cosine decay to 10 % over a stage."""
+    f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(n, 1)))
+    for g, lr in zip(opt.param_groups, base):
+        g["lr"] = lr * f
+
+
+def _fit_pose(body: BodyModel, prior: P.BodyPrior, t: _Target, starts: _Starts, cfg: FitConfig,
+              tick: Callable[[float], None]) -> tuple["_Variables", int, int]:
+    """Keypoints and priors only, from one or two starts. -> (variables, labelling, start index)."""
+    pick = _pick_starts(starts, cfg)
+    var = _Variables(body, prior, starts.orient[pick], starts.transl[pick])
+    labels = starts.labels[pick]
+    kp_t, conf_t = t.kp[labels], t.conf[labels]
+    groups = [{"params": [var.pose], "lr": cfg.lr_pose}, {"params": [var.orient], "lr": cfg.lr_orient},
+              {"params": [var.transl], "lr": cfg.lr_transl}]
+    opt = torch.optim.Adam(groups)
+    base = [g["lr"] for g in groups]
+    loss = None
+    for i in range(cfg.pose_iterations):
+        _schedule(opt, base, i, cfg.pose_iterations)
+        params = var.params()
+        out = body.forward(params)
+        uv, _ = project_torch(out.keypoints, t.K, _world_to_cam(t.R))
+        loss = L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp) + _prior_terms(params, prior, cfg)
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+        tick(float(loss.detach().min()))
+    best = int(torch.argmin(loss.detach())) if loss is not None else 0
+    return (var.select(best) if len(pick) > 1 else var), int(labels[best]), pick[best]
+
+
+def _fit_full(body: BodyModel, prior: P.BodyPrior, t: _Target, sil: L.SilhouetteTarget, var: _Variables,
+              label: int, cfg: FitConfig, tick: Callable[[float], None]) -> "_Variables":
+    subset = _vertex_subset(body, cfg.vertex_subset)
+    kp_t, conf_t = t.kp[label:label + 1], t.conf[label:label + 1]
+    # Mean spacing of the projected subset, what an interior mask pixel is always away from a vertex.
+    margin = _subset_spacing_px(body, prior, subset, t)
+    groups = [{"params": [var.pose], "lr": cfg.lr_pose * 0.5}, {"params": [var.orient], "lr": cfg.lr_orient * 0.5},
+              {"params": [var.transl], "lr": cfg.lr_transl * 0.5}, {"params": [var.shape_z], "lr": cfg.lr_shape}]
+    opt = torch.optim.Adam(groups)
+    base = [g["lr"] for g in groups]
+    W2C = _world_to_cam(t.R)
+    for i in range(cfg.full_iterations):
+        _schedule(opt, base, i, cfg.full_iterations)
+        params = var.params()
+        out = body.forward(params)
+        uv, _ = project_torch(out.keypoints, t.K, W2C)
+        vuv, _ = project_torch(out.vertices[:, subset], t.K, W2C)
+        loss = (L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp)
+                + cfg.w_outside * L.outside_loss(vuv, sil, t.scale_px, cfg.sigma_sil)
+                + cfg.w_cover * L.coverage_loss(vuv, sil, t.scale_px, margin, cfg.sigma_sil)
+                + _prior_terms(params, prior, cfg))
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+        if prior.shape_bounds is not None:
+            with torch.no_grad():
+                lo, hi = prior.shape_bounds
+                var.shape_z.copy_(((prior.shape_mean + var.shape_z / prior.shape_scale).clamp(lo, hi)
+                                   - prior.shape_mean) * prior.shape_scale)
+        tick(float(loss.detach().min()))
+    return var
+
+
+_SUBSETS: "weakref.WeakKeyDictionary[BodyModel, dict[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _vertex_subset(body: BodyModel, n: int) -> torch.Tensor:
+    cache = _SUBSETS.setdefault(body, {})
+    if n not in cache:
+        with torch.no_grad():
+            rest = body.forward(body.zero_params()).vertices[0].double().cpu().numpy()
+        cache[n] = torch.as_tensor(L.farthest_point_subset(rest, n), device=body.device)
+    return cache[n]
+
+
+def _subset_spacing_px(body: BodyModel, prior: P.BodyPrior, subset: torch.Tensor, t: _Target) -> float:
+    """Half the typical distance between neighbouring subset vertices, in px at the person's scale."""
+    with torch.no_grad():
+        rest = body.forward(body.zero_params()).vertices[0, subset]
+        d = torch.cdist(rest, rest)
+        d.fill_diagonal_(float("inf"))
+        spacing_m = float(d.amin(1).median())
+    torso_m = float((prior.rest_keypoints[[5, 6]].mean(0) - prior.rest_keypoints[[11, 12]].mean(0)).norm())
+    return 0.5 * spacing_m * t.scale_px / torso_m
+
+
+# -- result -------------------------------------------------------------------------------------
+def _finish(body: BodyModel, var: _Variables, lab: int, t: _Target, K: np.ndarray,
+            size: tuple[int, int], mask: np.ndarray, mask_scale: float, started: float, steps: int,
+            extra: dict[str, Any]) -> BodyFit:
+    with torch.no_grad():
+        params = var.params().detach()
+        out = body.forward(params)
+    R = FRONT_VIEW_R.astype(np.float64)
+    # Move the translation into the camera: the body's root sits at the world origin.
+    transl = params.transl[0].double().cpu().numpy()
+    world_to_cam = np.eye(4)
+    world_to_cam[:3, :3] = R
+    world_to_cam[:3, 3] = R @ transl
+    params.transl = torch.zeros_like(params.transl)
+    camera = Camera(K.astype(np.float64), world_to_cam, int(size[0]), int(size[1]))
+    kp_world = out.keypoints[0].double().cpu().numpy() - transl
+    kp_cam = camera.to_cam(kp_world)
+    kp2d = camera.project(kp_world)
+    target = t.kp[lab].double().cpu().numpy()
+    conf = t.conf[lab].double().cpu().numpy()
+    seen = conf > _VISIBLE
+    err = np.linalg.norm(kp2d - target, axis=1)
+    verts = out.vertices[0].double().cpu().numpy() - transl
+    iou = _fitted_iou(camera, verts, body.faces, mask, mask_scale)
+    metrics = {
+        "silhouette_iou": round(iou, 4),
+        "keypoint_error_px": round(float((err * conf)[seen].sum() / max(conf[seen].sum(), 1e-9)), 3),
+        "keypoint_error_torso_lengths": round(float((err * conf)[seen].sum() / max(conf[seen].sum(), 1e-9))
+                                              / t.scale_px, 4),
+        "keypoints_used": int(seen.sum()),
+        "seconds": round(time.perf_counter() - started, 3),
+        "iterations": int(steps),
+        "torso_px": round(t.scale_px, 2),
+        **extra,
+    }
+    return BodyFit(body.id, _model_path(body), params, camera, kp_cam, kp2d, metrics)
+
+
+def _model_path(body: BodyModel) -> str | None:
+    path = getattr(body, "model_path", None)
+    return str(path) if path else None
+
+
+def _fitted_iou(camera: Camera, verts_world: np.ndarray, faces: np.ndarray, mask: np.ndarray,
+                mask_scale: float) -> float:
+    """Silhouette IoU of the fitted body with the person mask, at the mask's resolution."""
+    from .render.raster import rasterize
+
+    h, w = mask.shape
+    cam = camera.scaled(mask_scale)
+    vc = torch.as_tensor(camera.to_cam(verts_world), dtype=torch.float32)
+    r = rasterize(vc, torch.as_tensor(faces), torch.as_tensor(cam.K, dtype=torch.float32), w, h)
+    return L.silhouette_iou(r.mask.cpu().numpy(), mask > 0.5)

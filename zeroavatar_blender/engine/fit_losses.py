@@ -1,0 +1,113 @@
+"""Loss terms of the body fit, as small pure functions on tensors.
+
+Distances are divided by ``scale_px`` (the person's torso length in pixels), so one set of
+weights works for any photo size and camera distance. Batched over candidate fits (B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def geman_mcclure(sq: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Robust penalty of squared residuals: quadratic below ``sigma``, saturating at 1 above, so a
+    wrong keypoint or a stray mask blob cannot drag the whole body."""
+    s2 = sigma * sigma
+    return sq / (sq + s2)
+
+
+def keypoint_loss(pred: torch.Tensor, target: torch.Tensor, conf: torch.Tensor, scale_px: float,
+                  sigma: float) -> torch.Tensor:
+    """Confidence-weighted robust reprojection error.
+
+    pred (B,17,2) px, target (B or 1,17,2) px, conf (B or 1,17) -> (B,) mean over confident keypoints.
+    """
+    sq = ((pred - target) / scale_px).square().sum(-1)
+    return (conf * geman_mcclure(sq, sigma)).sum(-1) / conf.sum(-1).clamp_min(1e-6)
+
+
+@dataclass
+class SilhouetteTarget:
+    """A person mask prepared for fast differentiable comparison with projected vertices."""
+
+    outside: torch.Tensor  # (1,1,h,w) distance to the mask in ORIGINAL px, 0 inside
+    points: torch.Tensor  # (N,2) samples of mask pixels in ORIGINAL px (edge-heavy)
+    mask_scale: float  # mask px per original px
+    size: tuple[int, int]  # (w, h) of the mask
+
+
+def silhouette_target(mask: np.ndarray, mask_scale: float, *, max_points: int = 900, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> SilhouetteTarget:
+    """Distance transform outside the mask plus a sample of mask pixels (mostly along its edge,
+    where coverage errors show; a sparse interior grid keeps holes from opening)."""
+    from scipy import ndimage
+
+    inside = np.asarray(mask, dtype=np.float32) > 0.5
+    h, w = inside.shape
+    outside = ndimage.distance_transform_edt(~inside).astype(np.float32) / mask_scale
+    edge = inside & ~ndimage.binary_erosion(inside)
+    interior = inside & ~edge
+    rng = np.random.default_rng(seed)
+    picks = []
+    for region, share in ((edge, 0.6), (interior, 0.4)):
+        ys, xs = np.nonzero(region)
+        n = min(len(ys), int(max_points * share))
+        if n:
+            idx = rng.choice(len(ys), n, replace=False)
+            picks.append(np.stack([xs[idx], ys[idx]], -1))
+    pts = np.concatenate(picks, 0).astype(np.float32) if picks else np.zeros((0, 2), np.float32)
+    pts = (pts + 0.5) / mask_scale - 0.5  # mask pixel centres -> original px
+    return SilhouetteTarget(torch.as_tensor(outside, dtype=dtype)[None, None], torch.as_tensor(pts, dtype=dtype),
+                            float(mask_scale), (w, h))
+
+
+def sample_outside(target: SilhouetteTarget, uv: torch.Tensor) -> torch.Tensor:
+    """Distance to the mask (original px) at projected points; 0 off the image, where nothing is
+    known (a half-body photo's legs). uv (B,N,2) original px -> (B,N)."""
+    w, h = target.size
+    m = (uv + 0.5) * target.mask_scale - 0.5
+    grid = torch.stack([m[..., 0] / max(w - 1, 1), m[..., 1] / max(h - 1, 1)], -1) * 2 - 1
+    field = target.outside.expand(uv.shape[0], -1, -1, -1)
+    return F.grid_sample(field, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0, 0]
+
+
+def outside_loss(uv: torch.Tensor, target: SilhouetteTarget, scale_px: float, sigma: float) -> torch.Tensor:
+    """Vertices projected off the person: (B,N,2) -> (B,) robust mean distance to the mask."""
+    d = sample_outside(target, uv) / scale_px
+    return geman_mcclure(d.square(), sigma).mean(-1)
+
+
+def coverage_loss(uv: torch.Tensor, target: SilhouetteTarget, scale_px: float, margin_px: float,
+                  sigma: float) -> torch.Tensor:
+    """Mask pixels that no projected vertex comes near: (B,N,2) -> (B,). ``margin_px`` is about
+    half the spacing of the projected vertex sample, the distance an interior pixel always has."""
+    if target.points.shape[0] == 0:
+        return uv.new_zeros(uv.shape[0])
+    d = torch.cdist(target.points[None].expand(uv.shape[0], -1, -1), uv).amin(-1)  # (B,P)
+    d = (d - margin_px).clamp_min(0) / scale_px
+    return geman_mcclure(d.square(), sigma).mean(-1)
+
+
+def farthest_point_subset(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+    """Indices of ``n`` points spread evenly over a point cloud (the mesh's vertex density is very
+    uneven: face and hands are dense). (V,3) -> (n,) int64."""
+    V = len(points)
+    n = min(n, V)
+    chosen = np.empty(n, dtype=np.int64)
+    chosen[0] = start
+    dist = np.linalg.norm(points - points[start], axis=1)
+    for i in range(1, n):
+        chosen[i] = int(dist.argmax())
+        dist = np.minimum(dist, np.linalg.norm(points - points[chosen[i]], axis=1))
+    return chosen
+
+
+def silhouette_iou(pred: np.ndarray, mask: np.ndarray) -> float:
+    """IoU of two boolean images of the same size."""
+    a, b = np.asarray(pred, bool), np.asarray(mask, bool)
+    union = int((a | b).sum())
+    return float((a & b).sum()) / union if union else 0.0

@@ -1,0 +1,133 @@
+"""Turn an arbitrary posed mesh (the optimised field's surface) into a rigged avatar mesh.
+
+Skin weights come from the fitted body (nearest surface point, then smoothed over the new mesh,
+top-4); the mesh is unposed to the body's rest pose with the inverse of each vertex's blended
+bone transform; UVs come from a proper unwrap (xatlas) and the texture is baked from a colour
+function of posed world points (the field's colour).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.spatial import cKDTree
+
+from .body.base import skin_top_k
+
+
+def closest_body_points(points: np.ndarray, body_v: np.ndarray, body_f: np.ndarray, k: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each point: the nearest body face, the barycentrics of the closest point on it, the distance."""
+    from ..evaluation.metrics import closest_point_on_triangles  # pure numpy geometry, shared
+
+    tri = body_v[body_f]
+    _, cand = cKDTree(tri.mean(1)).query(points, k=min(k, len(body_f)))
+    cand = cand.reshape(len(points), -1)
+    best_d = np.full(len(points), np.inf)
+    best_f = np.zeros(len(points), np.int64)
+    best_q = np.zeros_like(points)
+    for j in range(cand.shape[1]):
+        f = cand[:, j]
+        q = closest_point_on_triangles(points, tri[f, 0], tri[f, 1], tri[f, 2])
+        d = np.linalg.norm(points - q, axis=1)
+        better = d < best_d
+        best_d[better], best_f[better], best_q[better] = d[better], f[better], q[better]
+    bary = barycentric(best_q, tri[best_f])
+    return best_f, bary, best_d
+
+
+def barycentric(p: np.ndarray, tri: np.ndarray) -> np.ndarray:
+    """(N,3) points on (N,3,3) triangles -> (N,3) barycentrics (clipped to the triangle)."""
+    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
+    v0, v1, v2 = b - a, c - a, p - a
+    d00, d01, d11 = (v0 * v0).sum(1), (v0 * v1).sum(1), (v1 * v1).sum(1)
+    d20, d21 = (v2 * v0).sum(1), (v2 * v1).sum(1)
+    den = np.maximum(d00 * d11 - d01 * d01, 1e-20)
+    v = (d11 * d20 - d01 * d21) / den
+    w = (d00 * d21 - d01 * d20) / den
+    bary = np.stack([1 - v - w, v, w], 1).clip(0, 1)
+    return bary / bary.sum(1, keepdims=True)
+
+
+def dense_weights(indices: np.ndarray, weights: np.ndarray, num_bones: int) -> sp.csr_matrix:
+    rows = np.repeat(np.arange(len(indices)), indices.shape[1])
+    return sp.csr_matrix((weights.ravel(), (rows, indices.ravel())), shape=(len(indices), num_bones))
+
+
+def mesh_adjacency(faces: np.ndarray, n: int) -> sp.csr_matrix:
+    i = np.concatenate([faces[:, 0], faces[:, 1], faces[:, 2]])
+    j = np.concatenate([faces[:, 1], faces[:, 2], faces[:, 0]])
+    A = sp.coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
+    A = ((A + A.T) > 0).astype(np.float64)
+    return A.tocsr()
+
+
+def transfer_skin_weights(mesh_v: np.ndarray, mesh_f: np.ndarray, body_v: np.ndarray, body_f: np.ndarray,
+                          body_idx: np.ndarray, body_w: np.ndarray, num_bones: int, *,
+                          smooth_iterations: int = 10, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Weights of the nearest body surface point, diffused over the new mesh, top-k normalised.
+
+    Smoothing matters for loose geometry (a skirt, hair) whose nearest body point jumps between
+    bones; it is stronger far from the body. -> (indices (N,k) int64, weights (N,k) float32).
+    """
+    face, bary, dist = closest_body_points(mesh_v, body_v, body_f)
+    W_body = dense_weights(body_idx, body_w, num_bones)
+    corners = body_f[face]  # (N,3)
+    W = sum(W_body[corners[:, c]].multiply(bary[:, c:c + 1]) for c in range(3))
+    W = sp.csr_matrix(W)
+    A = mesh_adjacency(mesh_f, len(mesh_v))
+    deg = np.asarray(A.sum(1)).ravel().clip(1)
+    # points far from the body are steered by neighbours more than by their own nearest bone
+    keep = np.exp(-np.maximum(dist - 0.02, 0) / 0.05)[:, None]
+    W0 = W.toarray() if num_bones * len(mesh_v) < 60_000_000 else None
+    if W0 is None:  # pragma: no cover - huge meshes: skip smoothing rather than run out of memory
+        dense = W
+    else:
+        dense = W0
+        for _ in range(smooth_iterations):
+            neighbour = (A @ dense) / deg[:, None]
+            dense = keep * (0.5 * dense + 0.5 * neighbour) + (1 - keep) * neighbour
+    dense_t = torch.as_tensor(np.asarray(dense), dtype=torch.float64)
+    idx = torch.arange(num_bones).expand(len(mesh_v), -1)
+    top_idx, top_w = skin_top_k(idx, dense_t, k)
+    return top_idx.numpy().astype(np.int64), top_w.numpy().astype(np.float32)
+
+
+def unpose(posed_v: np.ndarray, idx: np.ndarray, w: np.ndarray, transforms: np.ndarray) -> np.ndarray:
+    """Inverse LBS: rest = (sum_k w_k T_k)^-1 posed. transforms (J,4,4) rest -> posed."""
+    blended = (w[:, :, None, None] * transforms[idx]).sum(1)  # (N,4,4)
+    inv = np.linalg.inv(blended)
+    return (inv[:, :3, :3] @ posed_v[:, :, None])[:, :, 0] + inv[:, :3, 3]
+
+
+def unwrap_uv(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas unwrap. -> (vertex_map (N',) into the input vertices, new faces (F,3), uv (N',2) v up)."""
+    import xatlas
+
+    vmap, new_f, uv = xatlas.parametrize(np.ascontiguousarray(vertices, dtype=np.float32),
+                                         np.ascontiguousarray(faces, dtype=np.uint32))
+    return vmap.astype(np.int64), new_f.astype(np.int64), uv.astype(np.float32)
+
+
+def bake_texture(posed_v: np.ndarray, faces: np.ndarray, corner_uv: np.ndarray,
+                 colour_fn: Callable[[np.ndarray], np.ndarray], size: int = 1024, chunk: int = 1 << 16) -> np.ndarray:
+    """Evaluate ``colour_fn`` (posed world points (N,3) -> (N,3) in [0,1]) at every texel's surface
+    point and pad the atlas. -> (S,S,3) uint8."""
+    from scipy.ndimage import distance_transform_edt
+
+    from .texture import texel_surface_map
+
+    face_id, bary = texel_surface_map(faces, corner_uv, size)
+    on = face_id >= 0
+    tri = posed_v[faces[face_id[on]]]
+    points = (tri * bary[on][:, :, None]).sum(1)
+    colours = np.concatenate([colour_fn(points[i:i + chunk]) for i in range(0, len(points), chunk)]) \
+        if len(points) else np.zeros((0, 3))
+    img = np.zeros((size, size, 3), np.float64)
+    img[on] = colours
+    if on.any():
+        _, (ri, ci) = distance_transform_edt(~on, return_indices=True)
+        img = img[ri, ci]
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)

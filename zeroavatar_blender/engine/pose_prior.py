@@ -1,0 +1,218 @@
+"""What a plausible body looks like, for the fit: per-bone pose freedom, joint limits, shape scale.
+
+Built through the ``BodyModel`` interface plus bone-name tables (Anny and SMPL names), so a body
+with other names still gets a sane default (every fitted bone equally free, no limits).
+
+Optional per-model attributes a backend may provide (all have defaults here):
+  ``pose_frame``    (3,3) rotation from the axes its pose rotation vectors use at rest to the
+                    Blender world frame. Default identity: true for Anny's ``local-ref`` (each
+                    bone's delta rotates about its own joint in world-aligned axes carried by its
+                    parent). An SMPL backend that turns SMPL's Y-up frame into Z-up by a fixed
+                    rotation should give that rotation here.
+  ``natural_pose()`` (J,3) the pose a missing limb should take (standing, arms down). Default: zero.
+  ``shape_bounds``  (lo, hi) the valid range of each shape value, applied after each step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .body.base import BodyModel, BodyParams
+
+# Bone freedom in radians (one standard deviation), by bone name without its side marker.
+# Anny spreads one anatomical joint over several bones; the helpers ("...02", pelvis.L/R) mostly
+# twist, which no keypoint can see, so they are held nearly still.
+_BONE_STD = {
+    # Anny
+    "pelvis": 0.05, "upperleg01": 0.6, "upperleg02": 0.05, "lowerleg01": 0.8, "lowerleg02": 0.05,
+    "foot": 0.25, "spine05": 0.12, "spine04": 0.12, "spine03": 0.12, "spine02": 0.12, "spine01": 0.12,
+    "clavicle": 0.2, "shoulder01": 0.35, "upperarm01": 0.9, "upperarm02": 0.08, "lowerarm01": 0.8,
+    "lowerarm02": 0.08, "wrist": 0.3, "neck01": 0.12, "neck02": 0.12, "neck03": 0.12, "head": 0.3,
+    # SMPL / SMPL-X
+    "hip": 0.6, "knee": 0.8, "ankle": 0.25, "spine1": 0.2, "spine2": 0.2, "spine3": 0.2, "neck": 0.2,
+    "collar": 0.25, "shoulder": 0.9, "elbow": 0.8,
+}
+_DEFAULT_STD = 0.3
+
+_FORWARD = (0.0, -1.0, 0.0)  # the subject faces -Y (Blender frame)
+_BACKWARD = (0.0, 1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class _LimitSpec:
+    parent: str | None  # COCO keypoint above the joint ("hip"), None: use the world's down axis
+    joint: str
+    child: str
+    flex_dir: tuple[float, float, float]  # where flexion moves the child at rest (world)
+    lo: float  # total flexion range in radians, the rest pose's own bend included
+    hi: float
+    hinge: bool  # also hold the other two axes (knees and elbows only bend one way)
+
+
+_LIMITS = {
+    "lowerleg01": _LimitSpec("hip", "knee", "ankle", _BACKWARD, -0.1, 2.6, True),
+    "knee": _LimitSpec("hip", "knee", "ankle", _BACKWARD, -0.1, 2.6, True),
+    "lowerarm01": _LimitSpec("shoulder", "elbow", "wrist", _FORWARD, -0.1, 2.7, True),
+    "elbow": _LimitSpec("shoulder", "elbow", "wrist", _FORWARD, -0.1, 2.7, True),
+    "upperleg01": _LimitSpec(None, "hip", "knee", _FORWARD, -0.6, 2.4, False),
+    "hip": _LimitSpec(None, "hip", "knee", _FORWARD, -0.6, 2.4, False),
+}
+_COCO_INDEX = {("left", n): i for i, n in ((5, "shoulder"), (7, "elbow"), (9, "wrist"), (11, "hip"),
+                                             (13, "knee"), (15, "ankle"))}
+_COCO_INDEX.update({("right", n): i + 1 for (s, n), i in list(_COCO_INDEX.items())})
+_SIDE_MARKERS = ((".L", "left"), (".R", "right"), ("left_", "left"), ("right_", "right"),
+                 ("L_", "left"), ("R_", "right"), ("_l", "left"), ("_r", "right"))
+
+
+def split_side(name: str) -> tuple[str, str | None]:
+    """'upperleg01.L' -> ('upperleg01', 'left'); 'left_knee' -> ('knee', 'left'); 'head' -> ('head', None)."""
+    for marker, side in _SIDE_MARKERS:
+        if marker.startswith((".", "_")) and name.endswith(marker):
+            return name[: -len(marker)], side
+        if not marker.startswith((".", "_")) and name.startswith(marker):
+            return name[len(marker):], side
+    return name, None
+
+
+@dataclass
+class JointLimits:
+    """Hinge decomposition of limited bones, axes in the pose parameter frame. L limits."""
+
+    bones: torch.Tensor  # (L,) bone index
+    flex_axis: torch.Tensor  # (L,3)
+    side_axis: torch.Tensor  # (L,3) the axis a hinge cannot turn about
+    twist_axis: torch.Tensor  # (L,3) along the child segment
+    rest_flex: torch.Tensor  # (L,) the rest pose's own bend (Anny's elbows: about 44 degrees)
+    lo: torch.Tensor  # (L,)
+    hi: torch.Tensor  # (L,)
+    hinge: torch.Tensor  # (L,) 1 for knees and elbows
+
+
+@dataclass
+class BodyPrior:
+    mean: torch.Tensor  # (J,3) natural pose
+    inv_std: torch.Tensor  # (J,) 1/std for fitted bones, 0 elsewhere
+    limits: JointLimits
+    shape_mean: torch.Tensor  # (S,) the model's default shape
+    shape_scale: torch.Tensor  # (S,) metres of mean vertex motion per unit of each shape value
+    shape_bounds: tuple[float, float] | None
+    rest_keypoints: torch.Tensor  # (17,3) COCO keypoints at the zero pose, default shape
+
+
+_CACHE: "weakref.WeakKeyDictionary[BodyModel, BodyPrior]" = weakref.WeakKeyDictionary()
+
+
+def body_prior(body: BodyModel) -> BodyPrior:
+    """The prior of one body model (built once: two small forward passes)."""
+    prior = _CACHE.get(body)
+    if prior is None:
+        prior = _build_prior(body)
+        _CACHE[body] = prior
+    return prior
+
+
+def _build_prior(body: BodyModel) -> BodyPrior:
+    dtype, device = body.dtype, body.device
+    J, S = body.num_bones, body.shape_dim
+    inv_std = torch.zeros(J, dtype=dtype, device=device)
+    for b in body.fit_bones:
+        base, _ = split_side(body.bone_names[b])
+        inv_std[b] = 1.0 / _BONE_STD.get(base, _DEFAULT_STD)
+    natural = getattr(body, "natural_pose", None)
+    mean = (torch.as_tensor(natural(), dtype=dtype, device=device).reshape(J, 3) if callable(natural)
+            else torch.zeros(J, 3, dtype=dtype, device=device))
+    frame = torch.as_tensor(np.asarray(getattr(body, "pose_frame", np.eye(3))), dtype=dtype, device=device)
+
+    # Shape sensitivity by finite differences: one batched forward of S+1 bodies.
+    shape0 = body.default_shape(1)[0]
+    step = 0.1
+    params = body.zero_params(S + 1)
+    params.shape = shape0.expand(S + 1, S).clone()
+    params.shape[1:] += step * torch.eye(S, dtype=dtype, device=device)
+    with torch.no_grad():
+        out = body.forward(params)
+    verts = out.vertices
+    scale = ((verts[1:] - verts[:1]).norm(dim=-1).mean(-1) / step).clamp_min(1e-3)  # (S,)
+    rest_kp = out.keypoints[0]
+    bounds = getattr(body, "shape_bounds", None)
+    return BodyPrior(mean, inv_std, _joint_limits(body, rest_kp, frame), shape0.clone(), scale,
+                     tuple(bounds) if bounds is not None else None, rest_kp.clone())
+
+
+def _joint_limits(body: BodyModel, kp: torch.Tensor, frame: torch.Tensor) -> JointLimits:
+    rows = []
+    fitted = set(body.fit_bones)
+    for b, name in enumerate(body.bone_names):
+        base, side = split_side(name)
+        spec = _LIMITS.get(base)
+        if spec is None or side is None or b not in fitted:
+            continue
+        joint = kp[_COCO_INDEX[(side, spec.joint)]]
+        child = kp[_COCO_INDEX[(side, spec.child)]]
+        u = (joint - kp[_COCO_INDEX[(side, spec.parent)]]) if spec.parent else kp.new_tensor([0.0, 0.0, -1.0])
+        u = u / u.norm()
+        c = child - joint
+        c = c / c.norm()
+        d = kp.new_tensor(spec.flex_dir)
+        d = d - (d @ u) * u
+        h = torch.linalg.cross(u, d)
+        h = h / h.norm()
+        t = c - (c @ h) * h
+        t = t / t.norm()
+        s = torch.linalg.cross(h, t)
+        rest = torch.atan2(torch.linalg.cross(u, c) @ h, u @ c)
+        # World axes -> parameter axes (rotation vectors transform like vectors).
+        rows.append((b, frame.T @ h, frame.T @ s, frame.T @ t, rest, spec.lo, spec.hi, float(spec.hinge)))
+    if not rows:
+        z = kp.new_zeros((0, 3))
+        e = kp.new_zeros(0)
+        return JointLimits(torch.zeros(0, dtype=torch.long, device=kp.device), z, z, z, e, e, e, e)
+    cols = list(zip(*rows))
+    return JointLimits(torch.tensor(cols[0], dtype=torch.long, device=kp.device),
+                       torch.stack(cols[1]), torch.stack(cols[2]), torch.stack(cols[3]), torch.stack(cols[4]),
+                       kp.new_tensor(cols[5]), kp.new_tensor(cols[6]), kp.new_tensor(cols[7]))
+
+
+# -- losses ---------------------------------------------------------------------------------
+def pose_prior_loss(pose: torch.Tensor, prior: BodyPrior) -> torch.Tensor:
+    """Squared distance to the natural pose in standard deviations. (B,J,3) -> (B,)."""
+    return ((pose - prior.mean) * prior.inv_std[:, None]).square().sum((-1, -2))
+
+
+def limit_loss(pose: torch.Tensor, limits: JointLimits, side_std: float = 0.1,
+               twist_std: float = 0.25) -> torch.Tensor:
+    """Knees and elbows bending the wrong way, hips over-extending. (B,J,3) -> (B,) in radians^2
+    (the side/twist terms in standard deviations)."""
+    if limits.bones.numel() == 0:
+        return pose.new_zeros(pose.shape[0])
+    theta = pose[:, limits.bones]  # (B,L,3)
+    flex = limits.rest_flex + (theta * limits.flex_axis).sum(-1)
+    out = (limits.lo - flex).clamp_min(0).square() + (flex - limits.hi).clamp_min(0).square()
+    side = (theta * limits.side_axis).sum(-1) / side_std
+    twist = (theta * limits.twist_axis).sum(-1) / twist_std
+    out = out + limits.hinge * (side.square() + twist.square())
+    return out.sum(-1)
+
+
+def shape_prior_loss(shape: torch.Tensor, prior: BodyPrior, metres: float = 0.03) -> torch.Tensor:
+    """Shape away from the model's average, measured in mean vertex motion (so the same weight
+    suits Anny's [0,1] phenotypes and SMPL's N(0,1) betas). (B,S) -> (B,)."""
+    return ((shape - prior.shape_mean) * prior.shape_scale / metres).square().sum(-1)
+
+
+def upright_loss(global_orient: torch.Tensor) -> torch.Tensor:
+    """1 - cos of the body's tilt from the world's up axis: most photos are taken roughly level,
+    which matters when the hips or legs are not seen. (B,3) -> (B,)."""
+    from .body.base import rotvec_to_matrix
+
+    return 1.0 - rotvec_to_matrix(global_orient)[:, 2, 2]
+
+
+def clamp_shape(params: BodyParams, prior: BodyPrior) -> None:
+    if prior.shape_bounds is not None:
+        with torch.no_grad():
+            params.shape.clamp_(*prior.shape_bounds)

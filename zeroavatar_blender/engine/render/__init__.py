@@ -1,0 +1,1 @@
+"""Renderers: the triangle rasteriser (raster.py) and the NeRF volume renderer (volume.py)."""

@@ -1,0 +1,377 @@
+"""Volume rendering of a radiance field: rays -> samples -> field -> composited pixels.
+
+Two samplers, one compositing rule (nerfacc's):
+
+* CPU (``render_dense``): a pure-torch stratified sampler inside the field's box, ``n_samples``
+  per ray (jittered when training), fed to nerfacc's dense ``[n_rays, n_samples]`` functions,
+  which run and pass gradients on the CPU. Samples in cells that an optional ``DenseOccupancy``
+  marks empty are not evaluated (density 0): the body fills a few percent of its box.
+* CUDA (``OccupancyGridRenderer``): nerfacc's ``OccGridEstimator`` marches only through occupied
+  cells of a grid kept up to date from the field's density; ``nerfacc.rendering`` composites the
+  packed samples. nerfacc compiles its CUDA extension on first use (needs nvcc).
+
+Both give RGB, opacity (the mask), expected depth (0 where nothing was hit) and, optionally,
+weight-accumulated normals, composited over a background colour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import nerfacc
+import torch
+
+from ..cameras import camera_rays
+from ..field.nerf import RadianceField
+
+BackgroundMode = Literal["random", "noise", "white", "black"]
+
+
+@dataclass
+class RayBundle:
+    """N rays in world space (Blender frame)."""
+
+    origins: torch.Tensor  # (N, 3)
+    directions: torch.Tensor  # (N, 3) unit length
+
+    def __len__(self) -> int:
+        return int(self.origins.shape[0])
+
+    def __getitem__(self, index: slice | torch.Tensor) -> "RayBundle":
+        return RayBundle(self.origins[index], self.directions[index])
+
+    @staticmethod
+    def from_camera(K: torch.Tensor, world_to_cam: torch.Tensor, width: int, height: int) -> "RayBundle":
+        """Rays through the pixel centres of an OpenCV camera, row-major (index = row * W + col)."""
+        o, d = camera_rays(K, world_to_cam, width, height)
+        return RayBundle(o.reshape(-1, 3).contiguous(), d.reshape(-1, 3).contiguous())
+
+
+@dataclass
+class RenderOutputs:
+    """Per-ray results. Reshape with ``.image(H, W)`` for a camera's rays."""
+
+    rgb: torch.Tensor  # (N, 3) composited over the background
+    opacity: torch.Tensor  # (N, 1) accumulated weight, the soft mask
+    depth: torch.Tensor  # (N, 1) expected termination distance along the ray given a hit, 0 without
+    normals: torch.Tensor | None = None  # (N, 3) weight-accumulated outward normals (not renormalised)
+    n_samples: int = 0  # field evaluations spent
+
+    def image(self, height: int, width: int) -> "RenderOutputs":
+        r = lambda t: None if t is None else t.reshape(height, width, -1)  # noqa: E731
+        return RenderOutputs(r(self.rgb), r(self.opacity), r(self.depth), r(self.normals), self.n_samples)
+
+
+def background_color(mode: BackgroundMode, n_rays: int, *, device: torch.device | str = "cpu",
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Background for compositing. -> (N, 3).
+
+    ``random``: one random colour for the whole batch (an image), so the field cannot explain the
+    background with fog; ``noise``: a random colour per ray; ``white``/``black``: constant.
+    """
+    if mode == "white":
+        return torch.ones(n_rays, 3, device=device)
+    if mode == "black":
+        return torch.zeros(n_rays, 3, device=device)
+    if mode == "random":
+        return torch.rand(1, 3, generator=generator).to(device).expand(n_rays, 3)
+    if mode == "noise":
+        return torch.rand(n_rays, 3, generator=generator).to(device)
+    raise ValueError(f"unknown background mode {mode!r}; choose random, noise, white or black")
+
+
+def ray_aabb_intersect(origins: torch.Tensor, directions: torch.Tensor, aabb: torch.Tensor,
+                       near: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slab test. (N,3), (N,3), (2,3) -> t_near (N,), t_far (N,), hit (N,) bool; t_near >= near."""
+    inv = 1.0 / torch.where(directions.abs() < 1e-12, torch.full_like(directions, 1e-12), directions)
+    t0 = (aabb[0] - origins) * inv
+    t1 = (aabb[1] - origins) * inv
+    t_near = torch.minimum(t0, t1).amax(-1).clamp_min(near)
+    t_far = torch.maximum(t0, t1).amin(-1)
+    hit = t_far > t_near
+    return t_near, torch.where(hit, t_far, t_near), hit
+
+
+def stratified_intervals(t_near: torch.Tensor, t_far: torch.Tensor, n_samples: int, *, jitter: bool,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n_samples equal bins between t_near and t_far; one sample per bin, at its centre or (jitter)
+    uniformly within it. (N,), (N,) -> t_starts (N,S), t_ends (N,S), t_mid (N,S).
+
+    The intervals tile [t_near, t_far] exactly, so the composited opacity is the ray's
+    1 - exp(-integral of density) up to the quadrature of the density along it.
+    """
+    u = torch.linspace(0.0, 1.0, n_samples + 1, device=t_near.device, dtype=t_near.dtype)
+    edges = t_near[:, None] + (t_far - t_near)[:, None] * u[None]  # (N, S+1)
+    t_starts, t_ends = edges[:, :-1], edges[:, 1:]
+    if jitter:
+        r = torch.rand(t_starts.shape, generator=generator).to(t_starts)
+    else:
+        r = torch.full_like(t_starts, 0.5)
+    return t_starts, t_ends, t_starts + r * (t_ends - t_starts)
+
+
+class DenseOccupancy:
+    """A torch-only occupancy grid for the CPU path: which cells of the box can hold density.
+
+    ``update`` evaluates the density at jittered points in each cell (no gradient) and keeps cells
+    above ``threshold`` plus their neighbours, so thin or moving surfaces are not clipped.
+    """
+
+    def __init__(self, aabb: torch.Tensor, resolution: int = 64) -> None:
+        self.aabb = aabb
+        self.resolution = resolution
+        self.mask = torch.ones(resolution, resolution, resolution, dtype=torch.bool, device=aabb.device)
+
+    @torch.no_grad()
+    def update(self, density_fn, threshold: float = 0.01, samples_per_cell: int = 2,
+               chunk: int = 1 << 18, generator: torch.Generator | None = None) -> float:
+        """Refresh the mask; returns the occupied fraction. ``threshold`` is in density (1/m)."""
+        r = self.resolution
+        idx = torch.stack(torch.meshgrid(*(torch.arange(r, device=self.aabb.device),) * 3, indexing="ij"), -1)
+        idx = idx.reshape(-1, 3).float()
+        cell = (self.aabb[1] - self.aabb[0]) / r
+        best = torch.zeros(r ** 3, device=self.aabb.device)
+        for _ in range(samples_per_cell):
+            jitter = torch.rand(idx.shape, generator=generator).to(idx)
+            pts = self.aabb[0] + (idx + jitter) * cell
+            for i in range(0, len(pts), chunk):
+                best[i:i + chunk] = torch.maximum(best[i:i + chunk], density_fn(pts[i:i + chunk]))
+        occ = (best > threshold).reshape(1, 1, r, r, r).float()
+        self.mask = torch.nn.functional.max_pool3d(occ, 3, stride=1, padding=1)[0, 0] > 0
+        return float(self.mask.float().mean())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3) -> (N,) bool: the point's cell may hold density."""
+        r = self.resolution
+        ijk = ((x - self.aabb[0]) / (self.aabb[1] - self.aabb[0]) * r).long().clamp(0, r - 1)
+        return self.mask[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+
+
+def _query(field: RadianceField, x: torch.Tensor, with_normals: bool, create_graph: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    if not with_normals:
+        out = field(x)
+        return out.density, out.rgb, None
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        out = field(xg)
+        (grad,) = torch.autograd.grad(out.density.sum(), xg, create_graph=create_graph)
+    normals = -grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-10)
+    return out.density, out.rgb, normals
+
+
+def render_dense(field: RadianceField, rays: RayBundle, aabb: torch.Tensor, *, n_samples: int = 128,
+                 jitter: bool = False, background: torch.Tensor | None = None, near: float = 0.0,
+                 occupancy: DenseOccupancy | None = None, with_normals: bool = False,
+                 generator: torch.Generator | None = None) -> RenderOutputs:
+    """Render a batch of rays with the stratified sampler (CPU path; works on CUDA too).
+
+    Differentiable in the field's outputs. ``background`` (N, 3) or (3,); None means black.
+    """
+    n = len(rays)
+    device = rays.origins.device
+    t_near, t_far, hit = ray_aabb_intersect(rays.origins, rays.directions, aabb, near)
+    t_starts, t_ends, t_mid = stratified_intervals(t_near, t_far, n_samples, jitter=jitter, generator=generator)
+    x = rays.origins[:, None, :] + t_mid[..., None] * rays.directions[:, None, :]  # (N, S, 3)
+    live = hit[:, None].expand(n, n_samples)
+    if occupancy is not None:
+        live = live & occupancy(x.reshape(-1, 3)).reshape(n, n_samples)
+    flat = live.reshape(-1)
+    sigmas = torch.zeros(n * n_samples, device=device)
+    rgbs = torch.zeros(n * n_samples, 3, device=device)
+    normals = torch.zeros(n * n_samples, 3, device=device) if with_normals else None
+    n_eval = int(flat.sum())
+    if n_eval:
+        d, c, nrm = _query(field, x.reshape(-1, 3)[flat], with_normals, create_graph=torch.is_grad_enabled())
+        sigmas = sigmas.index_put((flat,), d.to(sigmas.dtype))
+        rgbs = rgbs.index_put((flat,), c.to(rgbs.dtype))
+        if normals is not None and nrm is not None:
+            normals = normals.index_put((flat,), nrm.to(normals.dtype))
+    weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigmas.reshape(n, n_samples))
+    rgb = nerfacc.accumulate_along_rays(weights, rgbs.reshape(n, n_samples, 3))
+    opacity = nerfacc.accumulate_along_rays(weights, None)
+    depth = nerfacc.accumulate_along_rays(weights, t_mid[..., None]) / opacity.clamp_min(1e-10)
+    acc_normals = None
+    if normals is not None:
+        acc_normals = nerfacc.accumulate_along_rays(weights, normals.reshape(n, n_samples, 3))
+    return _finish(rgb, opacity, depth, acc_normals, background, n_eval)
+
+
+def _finish(rgb: torch.Tensor, opacity: torch.Tensor, depth: torch.Tensor, normals: torch.Tensor | None,
+            background: torch.Tensor | None, n_eval: int) -> RenderOutputs:
+    if background is not None:
+        rgb = rgb + (1.0 - opacity) * background.to(rgb)
+    depth = torch.where(opacity > 1e-6, depth, torch.zeros_like(depth))
+    return RenderOutputs(rgb=rgb, opacity=opacity, depth=depth, normals=normals, n_samples=n_eval)
+
+
+def cat_outputs(parts: list[RenderOutputs]) -> RenderOutputs:
+    normals = None if parts[0].normals is None else torch.cat([p.normals for p in parts])  # type: ignore[misc]
+    return RenderOutputs(torch.cat([p.rgb for p in parts]), torch.cat([p.opacity for p in parts]),
+                         torch.cat([p.depth for p in parts]), normals, sum(p.n_samples for p in parts))
+
+
+@dataclass
+class OccupancyGridConfig:
+    """nerfacc occupancy grid (CUDA path)."""
+
+    resolution: int = 128
+    render_step_size: float | None = None  # metres; None: the box's diagonal / 512
+    occ_threshold: float = 0.01  # on density * step: a cell is occupied above this opacity
+    alpha_threshold: float = 0.0  # skip samples with a lower opacity while marching
+    early_stop_eps: float = 1e-4  # stop a ray once its transmittance falls below this
+    update_every: int = 16  # steps between grid refreshes while training
+    warmup_steps: int = 256  # refresh every cell (not a sample) during the first steps
+    ema_decay: float = 0.95
+
+
+class OccupancyGridRenderer:
+    """CUDA path: nerfacc's occupancy grid marcher plus ``nerfacc.rendering`` on packed samples."""
+
+    def __init__(self, aabb: torch.Tensor, config: OccupancyGridConfig | None = None) -> None:
+        if aabb.device.type != "cuda":
+            raise RuntimeError("OccupancyGridRenderer needs a CUDA device (nerfacc's grid marcher is CUDA-only); "
+                               "use render_dense on the CPU")
+        self.config = config or OccupancyGridConfig()
+        self.aabb = aabb
+        self.step_size = self.config.render_step_size or float((aabb[1] - aabb[0]).norm()) / 512
+        self.estimator = nerfacc.OccGridEstimator(roi_aabb=aabb.reshape(-1), resolution=self.config.resolution,
+                                                  levels=1).to(aabb.device)
+
+    @torch.no_grad()
+    def update(self, field: RadianceField, step: int) -> None:
+        """Refresh the grid while training (every ``update_every`` steps; all cells in warm-up)."""
+        c = self.config
+        self.estimator.train()
+        self.estimator.update_every_n_steps(step=step, occ_eval_fn=lambda x: field.density(x) * self.step_size,
+                                            occ_thre=c.occ_threshold, ema_decay=c.ema_decay,
+                                            warmup_steps=c.warmup_steps, n=c.update_every)
+
+    @torch.no_grad()
+    def fill(self, field: RadianceField, rounds: int = 4) -> None:
+        """Build the grid from scratch for a fixed field (inference, or just after distillation):
+        every cell at several jittered points, keeping each cell's maximum."""
+        c = self.config
+        self.estimator.occs.zero_()
+        for _ in range(rounds):
+            self.estimator._update(step=0, occ_eval_fn=lambda x: field.density(x) * self.step_size,
+                                   occ_thre=c.occ_threshold, ema_decay=1.0, warmup_steps=1)
+
+    def render(self, field: RadianceField, rays: RayBundle, *, jitter: bool = False,
+               background: torch.Tensor | None = None, near: float = 0.0, with_normals: bool = False
+               ) -> RenderOutputs:
+        c = self.config
+        o, d = rays.origins, rays.directions
+
+        def sigma_fn(t_starts: torch.Tensor, t_ends: torch.Tensor, ray_indices: torch.Tensor) -> torch.Tensor:
+            x = o[ray_indices] + d[ray_indices] * ((t_starts + t_ends) / 2)[:, None]
+            return field.density(x)
+
+        ray_indices, t_starts, t_ends = self.estimator.sampling(
+            o, d, sigma_fn=sigma_fn, near_plane=near, render_step_size=self.step_size, stratified=jitter,
+            alpha_thre=c.alpha_threshold, early_stop_eps=c.early_stop_eps)
+        normals_holder: list[torch.Tensor] = []
+
+        def rgb_sigma_fn(t_starts: torch.Tensor, t_ends: torch.Tensor, ray_indices: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+            x = o[ray_indices] + d[ray_indices] * ((t_starts + t_ends) / 2)[:, None]
+            sigma, rgb, nrm = _query(field, x, with_normals, create_graph=torch.is_grad_enabled())
+            if nrm is not None:
+                normals_holder.append(nrm)
+            return rgb, sigma
+
+        n = len(rays)
+        rgb, opacity, depth, extras = nerfacc.rendering(t_starts, t_ends, ray_indices, n_rays=n,
+                                                        rgb_sigma_fn=rgb_sigma_fn)
+        normals = None
+        if with_normals:
+            if normals_holder:
+                normals = nerfacc.accumulate_along_rays(extras["weights"], normals_holder[0], ray_indices, n)
+            else:
+                normals = torch.zeros(n, 3, device=o.device)
+        return _finish(rgb, opacity, depth, normals, background, int(t_starts.shape[0]))
+
+
+@dataclass
+class VolumeRendererConfig:
+    n_samples: int = 128  # CPU path: samples per ray inside the box
+    chunk_rays: int = 4096  # rays per field call (memory: chunk_rays * n_samples points)
+    near: float = 0.0
+    use_occupancy_grid: bool = True  # CUDA: nerfacc's grid; CPU: DenseOccupancy skipping
+    cpu_occupancy_resolution: int = 64
+    occupancy: OccupancyGridConfig | None = None
+
+
+class VolumeRenderer:
+    """Renders any RadianceField in a box on the CPU or CUDA path, in ray chunks.
+
+    The optimiser calls ``update(field, step)`` once per step (keeps the skipping grids in sync
+    with the changing density) and ``render(field, rays, ...)`` for each view.
+    """
+
+    def __init__(self, aabb: torch.Tensor, config: VolumeRendererConfig | None = None) -> None:
+        self.config = config or VolumeRendererConfig()
+        self.aabb = aabb
+        c = self.config
+        self.grid: OccupancyGridRenderer | None = None
+        self.cpu_grid: DenseOccupancy | None = None
+        if aabb.device.type == "cuda" and c.use_occupancy_grid:
+            self.grid = OccupancyGridRenderer(aabb, c.occupancy)
+        elif c.use_occupancy_grid:
+            self.cpu_grid = DenseOccupancy(aabb, c.cpu_occupancy_resolution)
+
+    @property
+    def backend(self) -> str:
+        return "occupancy_grid" if self.grid is not None else "dense"
+
+    @torch.no_grad()
+    def update(self, field: RadianceField, step: int, *, every: int = 16, threshold: float | None = None) -> None:
+        """Refresh the skipping grid from the field's current density (call once per step)."""
+        if self.grid is not None:
+            self.grid.update(field, step)
+        elif self.cpu_grid is not None and step % every == 0:
+            if threshold is None:
+                # The same rule as the CUDA grid: skip cells whose opacity over one sample step is tiny.
+                step_len = float((self.aabb[1] - self.aabb[0]).norm()) / self.config.n_samples
+                threshold = 0.01 / step_len
+            self.cpu_grid.update(field.density, threshold)
+
+    @torch.no_grad()
+    def fill(self, field: RadianceField) -> None:
+        """Build the skipping grid for a fixed field (e.g. right after the body distillation)."""
+        if self.grid is not None:
+            self.grid.fill(field)
+        else:
+            self.update(field, 0)
+
+    def render(self, field: RadianceField, rays: RayBundle, *, jitter: bool = False,
+               background: torch.Tensor | None = None, with_normals: bool = False,
+               generator: torch.Generator | None = None) -> RenderOutputs:
+        c = self.config
+        parts = []
+        for i in range(0, len(rays), c.chunk_rays):
+            chunk = rays[i:i + c.chunk_rays]
+            bg = None
+            if background is not None:
+                bg = background if background.dim() == 1 else background[i:i + c.chunk_rays]
+            if self.grid is not None:
+                parts.append(self.grid.render(field, chunk, jitter=jitter, background=bg, near=c.near,
+                                              with_normals=with_normals))
+            else:
+                parts.append(render_dense(field, chunk, self.aabb, n_samples=c.n_samples, jitter=jitter,
+                                          background=bg, near=c.near, occupancy=self.cpu_grid,
+                                          with_normals=with_normals, generator=generator))
+        return cat_outputs(parts)
+
+
+def default_step_size(aabb: torch.Tensor, n_samples: int) -> float:
+    """The marching step that gives about ``n_samples`` samples along the box's diagonal."""
+    return float((aabb[1] - aabb[0]).norm()) / max(1, n_samples)
+
+
+__all__ = [
+    "BackgroundMode", "DenseOccupancy", "OccupancyGridConfig", "OccupancyGridRenderer", "RayBundle",
+    "RenderOutputs", "VolumeRenderer", "VolumeRendererConfig", "background_color", "default_step_size",
+    "ray_aabb_intersect", "render_dense", "stratified_intervals",
+]
