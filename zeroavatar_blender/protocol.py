@@ -264,3 +264,31 @@ MESH_ARRAYS = ("vertices", "faces", "colors")
 
 def mesh_name(step: int) -> str:
     return f"step_{int(step):06d}.npz"
+
+
+# The user's pose/shape edit (JOB/pose_edit.json), written by Blender before Optimise/Finalise:
+#   {"version": 1, "bundle": "fit_body" | "result" (whose frame the matrices are in),
+#    "bone_names": [...], "bone_pose": J x 4 x 4 armature-space matrices (like bundle bone_pose),
+#    "shape": [...] | null (body shape parameters; null keeps the fit's)}
+def make_pose_edit(bone_names: list[str], bone_pose: list, bundle: str = "fit_body",
+                   shape: list[float] | None = None) -> dict[str, Any]:
+    safe_name(bundle)
+    if len(bone_pose) != len(bone_names):
+        raise ProtocolError("pose edit: one matrix per bone is needed")
+    return {"version": PROTOCOL_VERSION, "bundle": bundle, "bone_names": list(bone_names),
+            "bone_pose": [[[float(x) for x in row] for row in m] for m in bone_pose],
+            "shape": None if shape is None else [float(s) for s in shape]}
+
+
+def read_pose_edit(path: Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("bone_names"), list):
+        raise ProtocolError(f"{path}: not a pose edit")
+    safe_name(data.get("bundle", "fit_body"))
+    mats = data.get("bone_pose")
+    if not isinstance(mats, list) or len(mats) != len(data["bone_names"]):
+        raise ProtocolError(f"{path}: bone_pose must hold one 4x4 matrix per bone")
+    for m in mats:
+        if not (isinstance(m, list) and len(m) == 4 and all(isinstance(r, list) and len(r) == 4 for r in m)):
+            raise ProtocolError(f"{path}: bone_pose entries must be 4x4 matrices")
+    return data

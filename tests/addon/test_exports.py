@@ -123,9 +123,12 @@ def test_export_keeps_user_scene(fresh_scene, anny_bundle, tmp_path):
     fresh_scene.collection.objects.link(other)
     bpy.context.view_layer.update()
     other.select_set(True)
-    bpy.context.view_layer.objects.active = other
+    bpy.context.view_layer.objects.active = arm
+    bpy.ops.object.mode_set(mode="POSE")  # the user is posing the avatar
     export_presets.export_fbx(arm, mesh, tmp_path / "a.fbx", "unreal")
-    assert other.select_get() and not arm.select_get() and bpy.context.view_layer.objects.active == other
+    export_presets.export_glb(arm, mesh, tmp_path / "a.glb")
+    assert other.select_get() and not mesh.select_get()
+    assert bpy.context.view_layer.objects.active == arm and arm.mode == "POSE"
     assert arm.name == "test_subject" and "Armature" not in bpy.data.objects  # the copy is gone
     assert len(bpy.data.armatures) == 1 and len(bpy.data.objects) == 3
 
@@ -136,8 +139,10 @@ def test_unreal_preset_adds_root_bone(fresh_scene, anny_body, tmp_path):
 
     folder = make_anny_bundle(anny_body, tmp_path / "hips", root_name="hips")
     arm, mesh = scene.build_avatar(folder)
+    arm.name = "Armature"  # the name the exported node needs is taken by the user's own object
     path = export_presets.export_fbx(arm, mesh, tmp_path / "u.fbx", "unreal")
     assert arm.data.bones[0].name == "hips" and "root" not in arm.data.bones  # user's rig untouched
+    assert arm.name == "Armature" and len(bpy.data.objects) == 2 and len(bpy.data.armatures) == 1
     info = assimp_info(path)
     assert info.nodes[:3] == ["Armature", "root", "hips"]
     arms, meshes = _import(path)
@@ -179,6 +184,19 @@ def test_export_avatar_job_errors(tmp_path):
     assert rc == protocol.EXIT_USAGE
 
 
+def test_blender_side_never_imports_torch_or_the_engine():
+    modules = ["zeroavatar_blender.blender_jobs.export_avatar", "zeroavatar_blender.blender_jobs.turntable",
+               "zeroavatar_blender.addon.scene", "zeroavatar_blender.addon.pose_io",
+               "zeroavatar_blender.addon.export_presets"]
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}];"
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('zeroavatar_blender.engine')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def _png(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -205,3 +223,14 @@ def test_turntable_job(anny_bundle, tmp_path, engine, extra):
     sheet = _png(Path(summary["contact_sheet"]))
     assert sheet.shape == (int(np.ceil(views / cols)) * size, cols * size, 3)
     np.testing.assert_allclose(sheet[:size, :size], _png(Path(renders[0]["path"])), atol=1 / 255)
+
+
+def test_turntable_of_a_glb(exported, tmp_path):
+    rc, lines = _run_job("zeroavatar_blender.blender_jobs.turntable", "--glb", str(exported["gltf"]),
+                         "--out", str(tmp_path), "--views", "1", "--size", "48", "--engine", "workbench")
+    assert rc == 0, lines
+    img = _png(Path(lines[0]["path"]))
+    assert (np.abs(img - img[0, 0]).sum(-1) > 0.1).mean() > 0.02
+    rc, lines = _run_job("zeroavatar_blender.blender_jobs.turntable", "--glb", str(tmp_path / "none.glb"),
+                         "--out", str(tmp_path))
+    assert rc == protocol.EXIT_BAD_INPUT and lines[-1]["type"] == "error"

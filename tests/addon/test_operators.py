@@ -11,6 +11,7 @@ import bpy
 import numpy as np
 import pytest
 
+from zeroavatar_blender import protocol
 from zeroavatar_blender.addon import client, jobs, panels
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,6 +163,16 @@ def test_cancel_operator(addon, fake_engine, tmp_path):
     assert bpy.ops.zeroavatar.resume.poll() is False  # the stand-in wrote no job.json
 
 
+def test_renaming_the_scene_keeps_the_job(addon, fake_engine, tmp_path):
+    job = launch_fake(fake_engine, "cooperative", tmp_path / "job")
+    scene = bpy.context.scene
+    scene.name = "Renamed"
+    pump_all(until=lambda: scene.zeroavatar.step >= 2)
+    assert job.client.is_alive and job.scene_name == "Renamed"
+    assert bpy.ops.zeroavatar.cancel.poll()
+    client.stop_all(timeout=1.0)
+
+
 def test_loading_a_file_stops_engines_and_marks_saved_jobs_interrupted(addon, fake_engine, tmp_path):
     job = launch_fake(fake_engine, "cooperative", tmp_path / "job")
     props = bpy.context.scene.zeroavatar
@@ -177,8 +188,6 @@ def test_loading_a_file_stops_engines_and_marks_saved_jobs_interrupted(addon, fa
 def test_guided_optimise_sends_the_edited_pose(addon, fake_engine, tmp_path, anny_bundle):
     """Fit (stand-in) -> pose a bone -> Optimise writes pose_edit.json and starts the real engine
     on the job; this job folder has no job.json, so the engine refuses it, clearly."""
-    import json
-
     job = tmp_path / "job"
     launch_fake(fake_engine, "ok", job, "--bundle", str(anny_bundle), "--kind", "fit_body", kind="fit")
     pump_all()
@@ -193,8 +202,8 @@ def test_guided_optimise_sends_the_edited_pose(addon, fake_engine, tmp_path, ann
     bone.rotation_euler = (0.0, 0.0, 0.5)
     bpy.ops.object.mode_set(mode="OBJECT")
     assert bpy.ops.zeroavatar.optimise() == {"FINISHED"}
-    edit = json.loads((job / "pose_edit.json").read_text())
-    names = edit["bones"]
+    edit = protocol.read_pose_edit(job / "pose_edit.json")  # the engine's reader: the contract
+    names = edit["bone_names"]
     assert len(names) == len(arm.pose.bones) and np.asarray(edit["bone_pose"]).shape == (len(names), 4, 4)
     pump_all(timeout=120)
     props = bpy.context.scene.zeroavatar

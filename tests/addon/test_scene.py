@@ -12,6 +12,7 @@ import pytest
 from bpy_extras.object_utils import world_to_camera_view
 from mathutils import Matrix, Quaternion, Vector
 
+from zeroavatar_blender import protocol
 from zeroavatar_blender.addon import pose_io, scene
 from zeroavatar_blender.addon.bundle_io import BundleError, png_size, read_bundle, validate_arrays
 
@@ -201,15 +202,19 @@ def test_set_armature_pose_and_read_back(avatar, bundle):
         pose_io.read_bone_pose(arm)
 
 
-def test_write_pose_edit(avatar, bundle, tmp_path):
+def test_write_pose_edit(avatar, bundle, anny_bundle, tmp_path):
     arm, _ = avatar
-    path = pose_io.write_pose_edit(tmp_path, arm)
-    assert path == tmp_path / "pose_edit.json" and not list(tmp_path.glob(".pose_edit*"))
-    data = json.loads(path.read_text())
+    job = anny_bundle.parent  # the bundle is JOB/result
+    path = pose_io.write_pose_edit(job, arm)
+    assert path == job / "pose_edit.json" and not list(job.glob(".pose_edit*"))
+    data = protocol.read_pose_edit(path)  # what the engine reads
+    assert data["bundle"] == "result" and data["bone_names"] == bundle.bone_names
     names, pose, shape = pose_io.pose_edit_arrays(data)
-    assert names == bundle.bone_names and data["body_model"] == "anny"
     assert np.abs(pose - bundle.bone_pose).max() < 5e-5
     np.testing.assert_allclose(shape, bundle.shape)
+    path.unlink()
+    with pytest.raises(ValueError, match="not a bundle of the job"):
+        pose_io.write_pose_edit(tmp_path, arm)
 
 
 def test_pose_basis_inverts_blender_hierarchy():
@@ -255,7 +260,7 @@ def test_update_preview_mesh_in_place(fresh_scene):
     mesh = obj.data
     assert obj.name in fresh_scene.objects and len(mesh.vertices) == 400 and len(mesh.polygons) == len(f)
     assert mesh.validate(verbose=False) is False  # nothing to fix: edges and corners are consistent
-    np.testing.assert_allclose(_colors(mesh)[:, :3], scene.srgb_to_linear(c), atol=1e-6)
+    np.testing.assert_allclose(_colors(mesh)[:, :3], scene.srgb_to_linear(c), atol=1e-3)
     assert mesh.color_attributes.active_color.name == "Color"
 
     same = scene.update_preview_mesh("Preview", v + 1.0, f, c)  # same triangles: positions only
@@ -275,6 +280,17 @@ def test_update_preview_mesh_in_place(fresh_scene):
     assert len(scene.evaluated_vertices(obj)) == 900
 
 
+def test_preview_shows_vertex_colors(fresh_scene):
+    v, f = _grid(4)
+    obj = scene.update_preview_mesh("Preview", v, f, np.ones((16, 3)))
+    node = next(n for n in obj.active_material.node_tree.nodes if n.type == "VERTEX_COLOR")
+    assert node.layer_name == "Color" and node.outputs["Color"].links
+    screen = next(s for s in bpy.data.screens if any(a.type == "VIEW_3D" for a in s.areas))
+    assert scene.show_vertex_colors_in_solid_view(screen) >= 1
+    space = next(a for a in screen.areas if a.type == "VIEW_3D").spaces[0]
+    assert space.shading.color_type == "VERTEX"
+
+
 def test_update_preview_mesh_rejects_bad_arrays(fresh_scene):
     v, f = _grid(5)
     with pytest.raises(ValueError, match="faces"):
@@ -283,6 +299,8 @@ def test_update_preview_mesh_rejects_bad_arrays(fresh_scene):
         scene.update_preview_mesh("P", v, f, np.ones((3, 3)))
     with pytest.raises(ValueError, match="vertices"):
         scene.update_preview_mesh("P", v[:, :2], f, None)
+    with pytest.raises(ValueError, match="NaN"):
+        scene.update_preview_mesh("P", v * np.nan, f, None)
 
 
 # -- the photo camera --------------------------------------------------------------------

@@ -23,11 +23,12 @@ from zeroavatar_blender.engine.perception import Perception
 from zeroavatar_blender.engine.render.raster import rasterize
 
 # Named poses as Anny local-ref rotation vectors (radians, world-aligned axes at rest: +X is the
-# subject's left, -Y their front, +Z up; e.g. a thigh turning about -X swings forward).
+# subject's left, -Y their front, +Z up; e.g. a thigh turning about -X swings forward). Elbows
+# bend about their hinge axis only: (-0.76, 0, -0.65) on the left, (-0.76, 0, 0.65) on the right.
 POSES: dict[str, dict[str, tuple[float, float, float]]] = {
     "standing": {
         "upperarm01.L": (0.0, 0.45, 0.0), "upperarm01.R": (0.0, -0.45, 0.0),
-        "lowerarm01.L": (-0.3, 0.0, 0.0), "lowerarm01.R": (-0.3, 0.0, 0.0),
+        "lowerarm01.L": (-0.23, 0.0, -0.2), "lowerarm01.R": (-0.23, 0.0, 0.2),
         "upperleg01.L": (0.0, 0.08, 0.0), "upperleg01.R": (0.0, -0.08, 0.0),
         "neck02": (0.1, 0.0, 0.0),
     },
@@ -35,12 +36,12 @@ POSES: dict[str, dict[str, tuple[float, float, float]]] = {
         "upperleg01.L": (-0.45, 0.05, 0.0), "lowerleg01.L": (0.25, 0.0, 0.0),
         "upperleg01.R": (0.35, -0.05, 0.0), "lowerleg01.R": (0.55, 0.0, 0.0),
         "upperarm01.L": (0.35, 0.35, 0.0), "upperarm01.R": (-0.4, -0.35, 0.0),
-        "lowerarm01.R": (0.0, 0.0, 0.3), "spine03": (0.05, 0.0, 0.1),
+        "lowerarm01.R": (-0.3, 0.0, 0.26), "spine03": (0.05, 0.0, 0.1),
     },
     "arms_raised": {
         "clavicle.L": (0.0, -0.25, 0.0), "clavicle.R": (0.0, 0.25, 0.0),
         "upperarm01.L": (0.0, -1.7, 0.0), "upperarm01.R": (0.0, 1.7, 0.0),
-        "lowerarm01.L": (-0.2, -0.3, 0.0), "lowerarm01.R": (-0.2, 0.3, 0.0),
+        "lowerarm01.L": (-0.23, 0.0, -0.2), "lowerarm01.R": (-0.23, 0.0, 0.2),
         "upperleg01.L": (0.0, -0.12, 0.0), "upperleg01.R": (0.0, 0.12, 0.0),
     },
     "kick": {
@@ -48,11 +49,11 @@ POSES: dict[str, dict[str, tuple[float, float, float]]] = {
         "upperleg01.L": (0.1, 0.0, 0.0), "lowerleg01.L": (0.15, 0.0, 0.0),
         "spine03": (0.15, 0.0, 0.0), "spine02": (0.1, 0.0, 0.0),
         "upperarm01.L": (0.0, -0.7, 0.0), "upperarm01.R": (0.5, 0.6, 0.0),
-        "lowerarm01.R": (0.0, 0.0, 0.6),
+        "lowerarm01.R": (-0.45, 0.0, 0.39),
     },
     "half_body": {
         "upperarm01.L": (0.0, 0.3, 0.0), "upperarm01.R": (-0.3, -0.2, 0.0),
-        "lowerarm01.R": (0.0, 0.0, 0.9), "head": (0.1, 0.0, 0.15),
+        "lowerarm01.R": (-0.68, 0.0, 0.59), "head": (0.1, 0.0, 0.15),
     },
 }
 

@@ -87,7 +87,7 @@ def find_bundle_json(path: Path) -> Path:
 
 def read_bundle(path: Path | str) -> AvatarBundleData:
     """Load and validate a bundle. Raises BundleError with the file and problem named."""
-    json_path = find_bundle_json(Path(path))
+    json_path = find_bundle_json(Path(path)).resolve()
     root = json_path.parent
     meta = _read_json(json_path)
     npz_path = root / _safe_file_name(json_path, meta.get("arrays", "avatar.npz"))
@@ -151,7 +151,8 @@ def _int(name: str, a: np.ndarray, source: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def validate_arrays(arrays: dict[str, np.ndarray], bone_names: list[str], source: str = "avatar.npz") -> dict[str, np.ndarray]:
+def validate_arrays(arrays: dict[str, np.ndarray], bone_names: list[str],
+                    source: str = "avatar.npz") -> dict[str, np.ndarray]:
     """Check shapes, dtypes, ranges and the skeleton's structure; return float64/int64 copies."""
     J = len(bone_names)
     if J == 0:
@@ -192,7 +193,8 @@ def validate_arrays(arrays: dict[str, np.ndarray], bone_names: list[str], source
         raise BundleError(f"{source}: 'skin_weights' has negative weights")
     sums = w.sum(1)
     if np.abs(sums - 1).max() > 1e-3:
-        raise BundleError(f"{source}: 'skin_weights' rows must sum to 1 (worst {sums[np.argmax(np.abs(sums - 1))]:.4f})")
+        worst = sums[np.argmax(np.abs(sums - 1))]
+        raise BundleError(f"{source}: 'skin_weights' rows must sum to 1 (worst {worst:.4f})")
     for k in ("bone_rest", "bone_pose"):
         _check_rigid(k, out[k], source)
     _check_parents(out["bone_parents"], bone_names, source)

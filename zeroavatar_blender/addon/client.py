@@ -187,8 +187,8 @@ class EngineClient:
         if proc is None or proc.poll() is not None:
             return
         try:
-            if os.name == "nt":
-                proc.kill() if sig != signal.SIGTERM else proc.terminate()
+            if os.name == "nt":  # no process groups to signal; terminate() is TerminateProcess
+                proc.terminate()
             else:
                 os.killpg(proc.pid, sig)  # the whole group: workers the engine spawned die too
         except (ProcessLookupError, PermissionError):
@@ -425,6 +425,7 @@ class ActiveJob:
     photo_path: str = ""
     built: bool = False
     mesh_applied: Path | None = None
+    preview_due: float = 0.0  # time.monotonic() before which no new preview is applied
 
 
 ACTIVE: dict[str, ActiveJob] = {}  # job folder -> job

@@ -118,25 +118,24 @@ def _check_objects(armature: bpy.types.Object, mesh: bpy.types.Object) -> None:
 
 
 @contextmanager
-def _only_selected(objects: list[bpy.types.Object]) -> Iterator[None]:
-    """Select exactly ``objects`` (object mode, first one active); restore the user's state after."""
+def _user_state(objects: list[bpy.types.Object]) -> Iterator[None]:
+    """Object mode, ``objects`` unhidden; the user's mode, selection, active object and hidden
+    flags come back afterwards, whatever happens."""
     view_layer = bpy.context.view_layer
-    if bpy.context.object is not None and bpy.context.object.mode != "OBJECT":
+    user_obj = bpy.context.object
+    user_mode = user_obj.mode if user_obj is not None else "OBJECT"
+    if user_mode != "OBJECT":  # exporters read object-mode data (edit-mode changes flushed)
         bpy.ops.object.mode_set(mode="OBJECT")
     selected = [o for o in view_layer.objects if o.select_get()]
     active = view_layer.objects.active
     hidden = [o for o in objects if o.hide_get()]
     try:
-        for o in selected:
-            o.select_set(False)
-        for o in objects:
+        for o in hidden:
             o.hide_set(False)
-            o.select_set(True)
-        view_layer.objects.active = objects[0]
         yield
     finally:
-        for o in objects:
-            if o.name in view_layer.objects:
+        for o in view_layer.objects:
+            if o.select_get():
                 o.select_set(False)
         for o in hidden:
             o.hide_set(True)
@@ -144,6 +143,19 @@ def _only_selected(objects: list[bpy.types.Object]) -> Iterator[None]:
             if o.name in view_layer.objects:
                 o.select_set(True)
         view_layer.objects.active = active
+        if user_mode != "OBJECT" and user_obj is not None and view_layer.objects.active == user_obj:
+            bpy.ops.object.mode_set(mode=user_mode)
+
+
+def _select_only(objects: list[bpy.types.Object]) -> None:
+    """What use_selection exports: exactly ``objects``, the first one active."""
+    view_layer = bpy.context.view_layer
+    for o in view_layer.objects:
+        if o.select_get():
+            o.select_set(False)
+    for o in objects:
+        o.select_set(True)
+    view_layer.objects.active = objects[0]
 
 
 @contextmanager
@@ -172,32 +184,36 @@ def _unreal_copies(armature: bpy.types.Object, mesh: bpy.types.Object, preset: F
         yield armature, mesh
         return
     collection = bpy.context.scene.collection
-    arm_copy = armature.copy()
-    arm_copy.data = armature.data.copy()
-    mesh_copy = mesh.copy()
-    collection.objects.link(arm_copy)
-    collection.objects.link(mesh_copy)
-    bpy.context.view_layer.update()
-    mesh_copy.parent = arm_copy
-    mesh_copy.matrix_parent_inverse = mesh.matrix_parent_inverse.copy()
-    for mod in mesh_copy.modifiers:
-        if mod.type == "ARMATURE" and mod.object == armature:
-            mod.object = arm_copy
-    clash = bpy.data.objects.get(preset.armature_node_name) if needs_name else None
-    clash_name = clash.name if clash is not None else None
+    arm_copy = mesh_copy = arm_data = clash = None
+    clash_name = ""
     try:
+        arm_data = armature.data.copy()
+        arm_copy = armature.copy()
+        arm_copy.data = arm_data
+        mesh_copy = mesh.copy()
+        collection.objects.link(arm_copy)
+        collection.objects.link(mesh_copy)
+        bpy.context.view_layer.update()
+        mesh_copy.parent = arm_copy
+        mesh_copy.matrix_parent_inverse = mesh.matrix_parent_inverse.copy()
+        for mod in mesh_copy.modifiers:
+            if mod.type == "ARMATURE" and mod.object == armature:
+                mod.object = arm_copy
         if needs_root:
             _add_root_bone(arm_copy, preset.root_bone, [b.name for b in roots])
-        if clash is not None:
-            clash.name = clash_name + "_zeroavatar_tmp"
-        if needs_name:
+        if preset.armature_node_name is not None:
+            clash = bpy.data.objects.get(preset.armature_node_name)  # may be the user's own armature
+            if clash is not None:
+                clash_name = clash.name
+                clash.name = clash_name + "_zeroavatar_tmp"
             arm_copy.name = preset.armature_node_name
         yield arm_copy, mesh_copy
     finally:
-        arm_data = arm_copy.data
-        bpy.data.objects.remove(mesh_copy)
-        bpy.data.objects.remove(arm_copy)
-        bpy.data.armatures.remove(arm_data)
+        for obj in (mesh_copy, arm_copy):
+            if obj is not None:
+                bpy.data.objects.remove(obj)
+        if arm_data is not None:
+            bpy.data.armatures.remove(arm_data)
         if clash is not None:
             clash.name = clash_name
 
@@ -232,7 +248,9 @@ def export_fbx(armature: bpy.types.Object, mesh: bpy.types.Object, path: Path | 
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     scene = bpy.context.scene
-    with _unreal_copies(armature, mesh, spec) as (arm, me), _only_selected([arm, me]), _action_frame_range(scene, arm):
+    with _user_state([armature, mesh]), _unreal_copies(armature, mesh, spec) as (arm, me), \
+            _action_frame_range(scene, arm):
+        _select_only([arm, me])
         result = bpy.ops.export_scene.fbx(filepath=str(path), **spec.options)
     if "FINISHED" not in result or not path.is_file():
         raise ExportError(f"Blender's FBX exporter did not write {path} ({result})")
@@ -246,7 +264,8 @@ def export_glb(armature: bpy.types.Object, mesh: bpy.types.Object, path: Path | 
     if path.suffix.lower() != ".glb":
         raise ExportError(f"a GLB file name must end in .glb: {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _only_selected([armature, mesh]):
+    with _user_state([armature, mesh]):
+        _select_only([armature, mesh])
         result = bpy.ops.export_scene.gltf(filepath=str(path), **GLTF_OPTIONS)
     if "FINISHED" not in result or not path.is_file():
         raise ExportError(f"Blender's glTF exporter did not write {path} ({result})")

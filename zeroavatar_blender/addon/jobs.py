@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 TOP_PACKAGE = __package__.rpartition(".")[0]  # "zeroavatar_blender" or "bl_ext.<repo>.zeroavatar_blender"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
+PREVIEW_MIN_INTERVAL_S = 0.5
 STATUS_BY_STATE = {"running": "RUNNING", "done": "DONE", "failed": "FAILED", "cancelled": "CANCELLED", "idle": "IDLE"}
 
 
@@ -34,14 +35,15 @@ def package_parent() -> Path:
     return PACKAGE_DIR.parent
 
 
-def user_dir(sub: str = "") -> Path:
+def user_dir(sub: str = "", create: bool = True) -> Path:
     """A writable folder of this add-on that survives upgrades."""
     try:
-        path = Path(bpy.utils.extension_path_user(TOP_PACKAGE, path=sub, create=True))
+        path = Path(bpy.utils.extension_path_user(TOP_PACKAGE, path=sub, create=create))
     except ValueError:  # not running as an extension (checkout, module mode)
-        base = bpy.utils.user_resource("DATAFILES", path="zeroavatar_blender", create=True)
+        base = bpy.utils.user_resource("DATAFILES", path="zeroavatar_blender", create=create)
         path = Path(base) / sub if sub else Path(base)
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -114,9 +116,21 @@ def mark_started(scene: bpy.types.Scene, job: ActiveJob) -> None:
     write_state(job, job.client.state)
 
 
+def find_scene(job: ActiveJob) -> bpy.types.Scene | None:
+    """The job's scene by name, or, if it was renamed, by the job folder it names."""
+    scene = bpy.data.scenes.get(job.scene_name)
+    if scene is not None:
+        return scene
+    for scene in bpy.data.scenes:
+        if scene.zeroavatar.job_dir == str(job.client.job_dir):
+            job.scene_name = scene.name
+            return scene
+    return None
+
+
 def write_state(job: ActiveJob, state: EngineState) -> None:
     """Copy the client's state into the scene's properties (what the panel draws)."""
-    scene = bpy.data.scenes.get(job.scene_name)
+    scene = find_scene(job)
     if scene is None:
         return
     p = scene.zeroavatar
@@ -149,15 +163,20 @@ def _set(props: Any, name: str, value: Any) -> None:
 
 def apply_poll(job: ActiveJob, events: list[dict[str, Any]], state: EngineState) -> None:
     """What ``poll_all`` does with one job's news: progress, the newest preview mesh, the avatar."""
-    scene = bpy.data.scenes.get(job.scene_name)
+    scene = find_scene(job)
     if scene is None:  # the scene was deleted: nobody is watching this job
         job.client.stop(timeout=1.0)
         return
     results = [e for e in events if e["type"] == "result" and e.get("_path") is not None]
     if results:
         _build_result(scene, job, results[-1])
-    elif state.mesh_path is not None and state.mesh_path != job.mesh_applied and not job.built:
+    elif (state.mesh_path is not None and state.mesh_path != job.mesh_applied and not job.built
+          and time.monotonic() >= job.preview_due):
+        started = time.monotonic()
         _update_preview(scene, job, state.mesh_path)
+        # A big mesh takes tens of ms to replace: keep previews under ~5% of the UI's time.
+        spent = time.monotonic() - started
+        job.preview_due = time.monotonic() + max(PREVIEW_MIN_INTERVAL_S, 20 * spent)
     write_state(job, state)
     if state.finished:
         _finished(scene, job, state)
@@ -177,7 +196,7 @@ def _update_preview(scene: bpy.types.Scene, job: ActiveJob, path: Path) -> None:
         log.warning("skipping preview mesh %s: %s", path, exc)
         return
     name = scene.zeroavatar.preview.name if scene.zeroavatar.preview else f"{job.avatar_name}_preview"
-    obj = scene_ops.update_preview_mesh(name, vertices, faces, colors)
+    obj = scene_ops.update_preview_mesh(name, vertices, faces, colors, collection=scene.collection)
     if obj is not None and scene.zeroavatar.preview != obj:
         scene.zeroavatar.preview = obj
 
@@ -187,7 +206,7 @@ def _build_result(scene: bpy.types.Scene, job: ActiveJob, event: dict[str, Any])
 
     props = scene.zeroavatar
     _remove_job_objects(scene, job)
-    armature, mesh = scene_ops.build_avatar(event["_path"], name=job.avatar_name)
+    armature, mesh = scene_ops.build_avatar(event["_path"], name=job.avatar_name, collection=scene.collection)
     for obj in (armature, mesh):
         obj["zeroavatar_job"] = str(job.client.job_dir)
     props.armature, props.mesh = armature, mesh
@@ -196,7 +215,7 @@ def _build_result(scene: bpy.types.Scene, job: ActiveJob, event: dict[str, Any])
         preview = props.preview
         props.preview = None
         bpy.data.objects.remove(preview, do_unlink=True)
-    if event.get("kind") == "fit_body" or job.kind == "fit":
+    if job.kind == "fit" or event["_path"].name == "fit_body":  # the fitted body: show it over the photo
         _add_camera(scene, job, event["_path"])
 
 
@@ -217,7 +236,8 @@ def _add_camera(scene: bpy.types.Scene, job: ActiveJob, bundle_dir: Path) -> Non
         log.warning("no camera in %s; the photo camera is not added", bundle_dir)
         return
     old = scene.zeroavatar.camera
-    cam = scene_ops.add_photo_camera(camera, job_photo(job.client.job_dir, job.photo_path))
+    cam = scene_ops.add_photo_camera(camera, job_photo(job.client.job_dir, job.photo_path),
+                                     collection=scene.collection, scene=scene)
     if old is not None and old != cam and old.get("zeroavatar_job") == str(job.client.job_dir):
         bpy.data.objects.remove(old, do_unlink=True)
     cam["zeroavatar_job"] = str(job.client.job_dir)

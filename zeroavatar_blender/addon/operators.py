@@ -167,6 +167,23 @@ class ZEROAVATAR_OT_fit_body(bpy.types.Operator):
                             jobs.subject_from_photo(photo), str(photo))
 
 
+def send_pose_edit(op: bpy.types.Operator, context: bpy.types.Context, job: Path) -> bool:
+    """Write the job's armature pose as JOB/pose_edit.json (the user may have corrected the fit
+    in Pose Mode); False after reporting when it cannot be written."""
+    arm = scene_props(context).armature
+    if arm is None or arm.get("zeroavatar_job") != str(job):
+        return True
+    from . import pose_io
+
+    try:
+        context.view_layer.update()  # pose_bone.matrix is current only after an evaluation
+        pose_io.write_pose_edit(job, arm)
+    except Exception as exc:  # noqa: BLE001 - show it, do not start with a stale pose
+        op.report({"ERROR"}, f"Cannot save the pose edit: {exc}")
+        return False
+    return True
+
+
 def _fitted(cls: type, context: bpy.types.Context) -> bool:
     if is_running(context):
         cls.poll_message_set("A ZeroAvatar job is running in this scene")
@@ -193,16 +210,8 @@ class ZEROAVATAR_OT_optimise(bpy.types.Operator):
         engine = find_engine_or_report(self, context)
         if engine is None:
             return {"CANCELLED"}
-        arm = props.armature
-        if arm is not None and arm.get("zeroavatar_job") == str(job):
-            from . import pose_io
-
-            try:
-                context.view_layer.update()  # pose_bone.matrix is current only after an evaluation
-                pose_io.write_pose_edit(job, arm)
-            except Exception as exc:  # noqa: BLE001 - show it, do not start with a stale pose
-                self.report({"ERROR"}, f"Cannot save the pose edit: {exc}")
-                return {"CANCELLED"}
+        if not send_pose_edit(self, context, job):
+            return {"CANCELLED"}
         return start_engine(self, context, engine, "optimise", [str(job), *quality_args(context), "--progress", "none",
                                                         "--device", get_prefs(context).device],
                             job, props.avatar_name or job.name, props.photo_path)
@@ -246,7 +255,7 @@ class ZEROAVATAR_OT_finalise(bpy.types.Operator):
         props = scene_props(context)
         job = job_dir(context)
         engine = find_engine_or_report(self, context)
-        if engine is None:
+        if engine is None or not send_pose_edit(self, context, job):
             return {"CANCELLED"}
         return start_engine(self, context, engine, "finalise", [str(job), "--no-export", "--progress", "none"],
                             job, props.avatar_name or job.name, props.photo_path)

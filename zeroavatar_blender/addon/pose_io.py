@@ -17,9 +17,7 @@ import bpy
 import numpy as np
 
 from .. import protocol
-from .scene import PROP_BODY_MODEL, PROP_SHAPE, PROP_SUBJECT, read_matrices, armature_bone_names
-
-POSE_EDIT_VERSION = 1
+from .scene import PROP_BUNDLE, PROP_SHAPE, armature_bone_names, read_matrices
 
 
 def read_bone_pose(armature: bpy.types.Object, bone_names: list[str] | None = None,
@@ -53,27 +51,33 @@ def read_bone_pose(armature: bpy.types.Object, bone_names: list[str] | None = No
     return out
 
 
-def read_pose_edit(armature: bpy.types.Object) -> dict[str, Any]:
-    """The pose/shape edit as a JSON-able dict: {"v", "subject", "body_model", "bones",
-    "bone_pose" (J x 4 x 4 lists, bundle frame), "shape" (list or null)}."""
+def bundle_folder(armature: bpy.types.Object, job_root: Path | str) -> str:
+    """The job sub-folder ("fit_body", "result") the avatar was built from: its frame is the one
+    the pose is in, and the engine reads that bundle's frame offset."""
+    stored = armature.get(PROP_BUNDLE)
+    if not stored:
+        raise ValueError(f"{armature.name!r} was not built from an avatar bundle, so its pose has no engine frame")
+    root, job = Path(str(stored)).resolve(), Path(job_root).resolve()
+    if root.parent != job:
+        raise ValueError(f"{armature.name!r} was built from {root}, which is not a bundle of the job {job}")
+    return protocol.safe_name(root.name)
+
+
+def read_pose_edit(armature: bpy.types.Object, bundle: str = "fit_body") -> dict[str, Any]:
+    """The pose/shape edit as protocol.make_pose_edit's dict: bone names in bundle order, posed
+    matrices in the frame of the job's ``bundle`` folder, the shape stored on the armature."""
     names = armature_bone_names(armature)
     pose = read_bone_pose(armature, names)
     shape = armature.get(PROP_SHAPE)
-    return {
-        "v": POSE_EDIT_VERSION,
-        "subject": str(armature.get(PROP_SUBJECT, "")),
-        "body_model": str(armature.get(PROP_BODY_MODEL, "")),
-        "bones": names,
-        "bone_pose": pose.tolist(),
-        "shape": [float(s) for s in shape] if shape is not None else None,
-    }
+    return protocol.make_pose_edit(names, pose.tolist(), bundle,
+                                   [float(s) for s in shape] if shape is not None else None)
 
 
 def write_pose_edit(job_root: Path | str, armature: bpy.types.Object) -> Path:
-    """Write pose_edit.json into a job folder atomically (temp file, then rename), so the engine
-    never reads half a file."""
+    """Write pose_edit.json into the job folder the avatar was built from, atomically (temp file,
+    then rename), so the engine never reads half a file."""
     path = protocol.JobLayout(Path(job_root)).pose_edit
-    data = json.dumps(read_pose_edit(armature), allow_nan=False)
+    data = json.dumps(read_pose_edit(armature, bundle_folder(armature, job_root)), allow_nan=False)
     fd, tmp = tempfile.mkstemp(prefix=".pose_edit.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -87,9 +91,9 @@ def write_pose_edit(job_root: Path | str, armature: bpy.types.Object) -> Path:
 
 def pose_edit_arrays(data: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray | None]:
     """Parse a pose edit dict back to (bone names, bone_pose (J,4,4), shape (S,) or None)."""
-    names = data.get("bones")
+    names = data.get("bone_names")
     pose = np.asarray(data.get("bone_pose"), dtype=np.float64)
     if not isinstance(names, list) or pose.shape != (len(names), 4, 4) or not np.isfinite(pose).all():
-        raise ValueError("pose edit needs 'bones' (list) and 'bone_pose' (J x 4 x 4 finite numbers)")
+        raise ValueError("pose edit needs 'bone_names' (list) and 'bone_pose' (J x 4 x 4 finite numbers)")
     shape = data.get("shape")
     return names, pose, (np.asarray(shape, dtype=np.float64) if shape is not None else None)

@@ -139,8 +139,8 @@ def get_prefs(context: bpy.types.Context | None = None) -> Any:
     return addon.preferences if addon is not None and addon.preferences is not None else DefaultPreferences()
 
 
-def engine_venv_dir() -> Path:
-    return jobs.user_dir(ENGINE_VENV)
+def engine_venv_dir(create: bool = False) -> Path:
+    return jobs.user_dir(ENGINE_VENV, create=create)
 
 
 def find_engine(prefs: Any) -> client.EnginePython:
@@ -260,7 +260,7 @@ class ZEROAVATAR_OT_install_engine(bpy.types.Operator):
             return {"CANCELLED"}
         try:
             req, lock = requirements_files()
-            venv = engine_venv_dir()
+            venv = engine_venv_dir(create=True)
             filtered = venv.parent / "engine-requirements.txt"
             filtered.write_text(filtered_requirements(req.read_text(encoding="utf-8")), encoding="utf-8")
         except OSError as exc:

@@ -95,7 +95,13 @@ def create_armature(name: str, bone_names: list[str], bone_rest: np.ndarray, bon
         bpy.ops.object.mode_set(mode="OBJECT")
     previous = view_layer.objects.active
     view_layer.objects.active = arm
-    bpy.ops.object.mode_set(mode="EDIT")
+    try:
+        bpy.ops.object.mode_set(mode="EDIT")
+    except RuntimeError as exc:
+        bpy.data.objects.remove(arm)
+        bpy.data.armatures.remove(data)
+        raise ValueError(f"cannot edit the new armature {name!r}: its collection must be visible in the "
+                         f"active view layer ({exc})") from exc
     try:
         edit_bones = []
         for j, bone_name in enumerate(bone_names):
@@ -343,8 +349,19 @@ def evaluated_vertices(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph | N
 # -- streamed preview meshes ---------------------------------------------------------------
 
 def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """sRGB in [0,1] -> linear, exact (float64 maths)."""
     c = np.clip(c, 0.0, 1.0)
     return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+# Preview colours are shown on screen at 8 bits anyway: a 4096-entry table is ~5x faster than pow.
+_SRGB_LUT = srgb_to_linear(np.linspace(0.0, 1.0, 4096)).astype(np.float32)
+
+
+def srgb_to_linear_fast(c: np.ndarray) -> np.ndarray:
+    """Table lookup version of srgb_to_linear (error < 1e-3), for per-frame preview updates."""
+    idx = np.clip(c, 0.0, 1.0) * 4095.0 + 0.5
+    return _SRGB_LUT[idx.astype(np.int32)]
 
 
 def _preview_material(name: str) -> bpy.types.Material:
@@ -365,14 +382,19 @@ def _preview_material(name: str) -> bpy.types.Material:
 
 
 def show_vertex_colors_in_solid_view(screen: bpy.types.Screen | None = None) -> int:
-    """Switch 3D viewports' solid shading to the active colour attribute. Returns how many."""
-    screens = [screen] if screen is not None else list(bpy.data.screens)
+    """Switch the open windows' 3D viewports (or one screen's) to show the active colour
+    attribute in Solid shading. Returns how many viewports changed (0 without a UI)."""
+    if screen is not None:
+        screens = [screen]
+    else:
+        wm = bpy.context.window_manager
+        screens = [w.screen for w in wm.windows] if wm is not None else []
     count = 0
     for sc in screens:
         for area in sc.areas:
             if area.type == "VIEW_3D":
                 for space in area.spaces:
-                    if space.type == "VIEW_3D":
+                    if space.type == "VIEW_3D" and space.shading.type == "SOLID":
                         space.shading.color_type = "VERTEX"
                         count += 1
     return count
@@ -393,6 +415,8 @@ def update_preview_mesh(obj_or_name: bpy.types.Object | str, vertices: np.ndarra
     if vertices.ndim != 2 or vertices.shape[1] != 3 or faces.ndim != 2 or faces.shape[1] != 3:
         raise ValueError(f"preview mesh needs vertices (V,3) and faces (F,3), got {vertices.shape} and {faces.shape}")
     V = len(vertices)
+    if not np.isfinite(vertices).all():
+        raise ValueError("preview mesh vertices contain NaN or infinite values")
     if len(faces) and (faces.min() < 0 or faces.max() >= V):
         raise ValueError("preview mesh faces index missing vertices")
     if colors is not None:
@@ -406,6 +430,9 @@ def update_preview_mesh(obj_or_name: bpy.types.Object | str, vertices: np.ndarra
             obj = bpy.data.objects.new(obj_or_name, bpy.data.meshes.new(obj_or_name))
             _scene_collection(collection).objects.link(obj)
             obj.data.materials.append(_preview_material("ZeroAvatar Preview"))
+            show_vertex_colors_in_solid_view()
+        elif not obj.users_collection:  # left over after the user deleted it from the scene
+            _scene_collection(collection).objects.link(obj)
     else:
         obj = obj_or_name
     if obj.type != "MESH":
@@ -428,7 +455,7 @@ def update_preview_mesh(obj_or_name: bpy.types.Object | str, vertices: np.ndarra
             mesh.color_attributes.active_color = attr
             mesh.color_attributes.render_color_index = mesh.color_attributes.active_color_index
         rgba = np.ones((V, 4), dtype=np.float32)
-        rgba[:, :3] = srgb_to_linear(colors[:, :3].astype(np.float32))
+        rgba[:, :3] = srgb_to_linear_fast(colors[:, :3])
         if colors.shape[1] == 4:
             rgba[:, 3] = colors[:, 3]
         attr.data.foreach_set("color", rgba.ravel())

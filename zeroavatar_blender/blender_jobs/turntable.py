@@ -105,8 +105,9 @@ def setup_render(scene: Any, engine: str, size: int, samples: int, denoise: bool
     scene.world = world
     if world.node_tree is None:  # Blender < 5 made node trees on request only
         world.use_nodes = True
+    world.color = (0.32, 0.32, 0.34)  # what Workbench shows
     bg = next(n for n in world.node_tree.nodes if n.type == "BACKGROUND")
-    bg.inputs["Color"].default_value = (0.32, 0.32, 0.34, 1.0)
+    bg.inputs["Color"].default_value = (0.32, 0.32, 0.34, 1.0)  # what Cycles sees and is lit by
     bg.inputs["Strength"].default_value = 1.0
     if engine == "cycles":
         scene.cycles.device = "CPU"

@@ -333,25 +333,35 @@ def build_body_avatar(body: BodyModel, params: BodyParams, texture: np.ndarray, 
     """
     if params.pose.shape[0] != 1:
         raise ValueError(f"build_body_avatar: expected one body, got a batch of {params.pose.shape[0]}")
+    with torch.no_grad():
+        out = body.forward(params)
+    skin_indices, skin_weights = skin_weights_top4(body.skin_indices.cpu().numpy(), body.skin_weights.cpu().numpy())
+    return assemble_avatar(body, params, out.rest_vertices[0].double().cpu().numpy(), np.asarray(body.faces),
+                           np.asarray(body.corner_uv), skin_indices, skin_weights, texture, camera=camera,
+                           subject=subject, quality=quality, extra_meta=extra_meta)
+
+
+def assemble_avatar(body: BodyModel, params: BodyParams, rest_vertices: np.ndarray, faces: np.ndarray,
+                    corner_uv: np.ndarray, skin_indices: np.ndarray, skin_weights: np.ndarray, texture: np.ndarray, *,
+                    camera: Camera | None, subject: str, quality: str, extra_meta: dict[str, Any] | None = None) -> AvatarBundle:
+    """Any mesh rigged to the fitted body's skeleton: ``rest_vertices`` in the body's rest frame
+    (e.g. the optimised surface unposed with transferred weights), skinned by top-4 weights."""
     image = np.asarray(getattr(texture, "image", texture))
     parents = np.asarray(body.bone_parents, dtype=np.int64)
     if (parents >= np.arange(len(parents))).any():
         raise ValueError(f"body {body.id}: bone parents must come before their children")
     with torch.no_grad():
         out = body.forward(params)
-    rest = out.rest_vertices[0].double().cpu().numpy()
+    body_rest = out.rest_vertices[0].double().cpu().numpy()
     bone_rest_world = out.bone_rest[0].double().cpu().numpy()
     bone_posed_world = out.bone_posed[0].double().cpu().numpy()
     posed_world = out.vertices[0].double().cpu().numpy()
 
-    lift = np.array([0.0, 0.0, -rest[:, 2].min()])
-    vertices = (rest + lift).astype(np.float32)
+    lift = np.array([0.0, 0.0, -min(body_rest[:, 2].min(), np.asarray(rest_vertices)[:, 2].min())])
+    vertices = (np.asarray(rest_vertices, np.float64) + lift).astype(np.float32)
     bone_rest = (_translation(lift) @ bone_rest_world).astype(np.float32)
-    offset = np.zeros(3)
-    offset[:2] = bone_rest[0, :2, 3] - bone_posed_world[0, :2, 3]
-    offset[2] = -posed_world[:, 2].min()
+    offset = posed_frame_offset(bone_rest_world, bone_posed_world, posed_world)
     bone_pose = (_translation(offset) @ bone_posed_world).astype(np.float32)
-    skin_indices, skin_weights = skin_weights_top4(body.skin_indices.cpu().numpy(), body.skin_weights.cpu().numpy())
     skinning = bone_pose.astype(np.float64) @ np.linalg.inv(bone_rest.astype(np.float64))
     posed_vertices = lbs_numpy(vertices, skinning, skin_indices, skin_weights).astype(np.float32)
 
@@ -372,12 +382,30 @@ def build_body_avatar(body: BodyModel, params: BodyParams, texture: np.ndarray, 
         meta["camera"] = Camera(np.asarray(camera.K, np.float64), w2c, camera.width, camera.height).to_json()
     meta.update(extra_meta or {})
     return AvatarBundle(
-        vertices=vertices, faces=np.asarray(body.faces, np.int32), corner_uv=np.asarray(body.corner_uv, np.float32),
-        skin_indices=skin_indices, skin_weights=skin_weights, bone_names=list(body.bone_names),
+        vertices=vertices, faces=np.asarray(faces, np.int32), corner_uv=np.asarray(corner_uv, np.float32),
+        skin_indices=np.asarray(skin_indices, np.int32), skin_weights=np.asarray(skin_weights, np.float32),
+        bone_names=list(body.bone_names),
         bone_parents=parents.astype(np.int32), bone_rest=bone_rest, bone_pose=bone_pose,
         bone_length=bone_lengths(bone_rest.astype(np.float64), parents, vertices.astype(np.float64),
-                                 skin_indices, skin_weights),
+                                 np.asarray(skin_indices), np.asarray(skin_weights)),
         posed_vertices=posed_vertices, texture=np.ascontiguousarray(image, dtype=np.uint8), meta=meta)
+
+
+def posed_frame_offset(bone_rest_world: np.ndarray, bone_posed_world: np.ndarray, posed_world: np.ndarray) -> np.ndarray:
+    """The translation from the photo's world to the posed avatar frame: the posed root above
+    the rest root, the lowest posed vertex on z = 0. (J,4,4), (J,4,4), (V,3) -> (3,)."""
+    offset = np.zeros(3)
+    offset[:2] = bone_rest_world[0, :2, 3] - bone_posed_world[0, :2, 3]
+    offset[2] = -float(np.asarray(posed_world)[:, 2].min())
+    return offset
+
+
+def body_frame_offset(body: BodyModel, params: BodyParams) -> np.ndarray:
+    """``posed_frame_offset`` for a fitted body (what a bundle built from it records)."""
+    with torch.no_grad():
+        out = body.forward(params)
+    return posed_frame_offset(out.bone_rest[0].double().cpu().numpy(), out.bone_posed[0].double().cpu().numpy(),
+                              out.vertices[0].double().cpu().numpy())
 
 
 def write_posed_ply(bundle_or_vertices: AvatarBundle | np.ndarray | torch.Tensor, faces: np.ndarray | None = None,

@@ -54,6 +54,7 @@ def _add_optimise_args(p: argparse.ArgumentParser, default_quality: str | None) 
     p.add_argument("--sd-weights", default=None, help="Stable Diffusion 1.5 weights: HF repo id in your cache, folder or .safetensors")
     p.add_argument("--controlnet-weights", default=None, help="depth ControlNet: HF repo id in your cache, folder or .safetensors")
     p.add_argument("--texture-size", type=int, default=None, choices=(512, 1024, 2048, 4096))
+    p.add_argument("--allow-slow", action="store_true", help="run quality full without a GPU (hours)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +96,8 @@ def _settings_from_args(args: argparse.Namespace, settings: JobSettings) -> JobS
         settings.person = args.person - 1
     if getattr(args, "no_export", False):
         settings.export = False
+    if getattr(args, "allow_slow", False):
+        settings.extra["allow_slow_full"] = True
     return settings
 
 
@@ -122,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             settings = _settings_from_args(args, JobSettings(subject=subject_name(photo)))
             if command == "fit":
                 settings.quality = "fast"
+            pipeline.reset_job_outputs(job)
             settings.save(job)
             steps: list[Callable[[], object]] = [
                 lambda: pipeline.stage_perceive(job, settings, photo),

@@ -127,12 +127,12 @@ class FitConfig:
     lr_pose: float = 0.05
     lr_orient: float = 0.03
     lr_transl: float = 0.03  # metres
-    lr_shape: float = 0.01  # metres of mean vertex motion
+    lr_shape: float = 0.1  # shape standard deviations
     sigma_kp: float = 0.15
     w_pose: float = 0.004
     w_limit: float = 1.0
     w_upright: float = 0.02
-    w_shape: float = 0.002
+    w_shape: float = 0.01
     w_outside: float = 0.3
     w_cover: float = 0.3
     sigma_sil: float = 0.1
@@ -358,30 +358,31 @@ def _pick_starts(starts: _Starts, cfg: FitConfig) -> list[int]:
 
 class _Variables:
     """The optimised tensors of a batch of candidate fits: fitted bones, orientation, translation,
-    shape in metres of vertex motion (so one learning rate suits every shape space)."""
+    and shape in the model's standard deviations (so one step size suits every shape space)."""
 
     def __init__(self, body: BodyModel, prior: P.BodyPrior, orient: torch.Tensor, transl: torch.Tensor,
-                 pose: torch.Tensor | None = None, shape_z: torch.Tensor | None = None) -> None:
+                 pose: torch.Tensor, shape_z: torch.Tensor | None = None) -> None:
         B = orient.shape[0]
-        self.body, self.prior = body, prior
+        self.prior = prior
         self.bones = torch.as_tensor(body.fit_bones, dtype=torch.long, device=orient.device)
-        self.pose = (pose if pose is not None else
-                     prior.mean[self.bones].expand(B, -1, -1)).clone().requires_grad_(True)
-        self.orient = orient.clone().requires_grad_(True)
-        self.transl = transl.clone().requires_grad_(True)
-        self.shape_z = (shape_z if shape_z is not None else
-                        orient.new_zeros(B, body.shape_dim)).clone().requires_grad_(True)
+        self.pose = pose.detach().clone().requires_grad_(True)  # (B, len(fit_bones), 3)
+        self.orient = orient.detach().clone().requires_grad_(True)
+        self.transl = transl.detach().clone().requires_grad_(True)
+        self.shape_z = (shape_z.detach().clone() if shape_z is not None else
+                        orient.new_zeros(B, body.shape_dim)).requires_grad_(True)
 
     def params(self) -> BodyParams:
         B = self.orient.shape[0]
-        full = self.prior.mean.expand(B, -1, -1).clone()
-        full = full.index_copy(1, self.bones, self.pose)
-        shape = self.prior.shape_mean + self.shape_z / self.prior.shape_scale
+        full = self.prior.mean.expand(B, -1, -1).index_copy(1, self.bones, self.pose)
+        shape = self.prior.shape_mean + self.shape_z * self.prior.shape_std
         return BodyParams(full, shape, self.orient, self.transl)
 
-    def select(self, i: int) -> "_Variables":
-        return _Variables(self.body, self.prior, self.orient.detach()[i:i + 1], self.transl.detach()[i:i + 1],
-                          self.pose.detach()[i:i + 1], self.shape_z.detach()[i:i + 1])
+    def clamp_shape(self) -> None:
+        if self.prior.shape_bounds is not None:
+            lo, hi = self.prior.shape_bounds
+            with torch.no_grad():
+                shape = (self.prior.shape_mean + self.shape_z * self.prior.shape_std).clamp(lo, hi)
+                self.shape_z.copy_((shape - self.prior.shape_mean) / self.prior.shape_std)
 
 
 def _prior_terms(params: BodyParams, prior: P.BodyPrior, cfg: FitConfig) -> torch.Tensor:
@@ -400,35 +401,65 @@ def _schedule(opt: torch.optim.Optimizer, base: list[float], i: int, n: int) -> 
 
 def _fit_pose(body: BodyModel, prior: P.BodyPrior, t: _Target, starts: _Starts, cfg: FitConfig,
               tick: Callable[[float], None]) -> tuple["_Variables", int, int]:
-    """Keypoints and priors only, from one or two starts. -> (variables, labelling, start index)."""
+    """Keypoints and priors only, from one or two starts, each with two pose hypotheses (limbs
+    as at rest, limbs flexed forward): a foreshortened limb points toward or away from the camera,
+    and the joint limits only tell the two apart once both have been tried. Each limb then takes
+    the hypothesis that explains it better. -> (variables, labelling, start index)."""
     pick = _pick_starts(starts, cfg)
-    var = _Variables(body, prior, starts.orient[pick], starts.transl[pick])
-    labels = starts.labels[pick]
+    bones = body.fit_bones
+    hyp = torch.stack([prior.mean[bones], prior.flexed[bones]])  # (2, n, 3)
+    n_h = hyp.shape[0]
+    idx = torch.tensor(pick, device=hyp.device).repeat_interleave(n_h)
+    var = _Variables(body, prior, starts.orient[idx], starts.transl[idx], hyp.repeat(len(pick), 1, 1))
+    labels = starts.labels[idx]
     kp_t, conf_t = t.kp[labels], t.conf[labels]
     groups = [{"params": [var.pose], "lr": cfg.lr_pose}, {"params": [var.orient], "lr": cfg.lr_orient},
               {"params": [var.transl], "lr": cfg.lr_transl}]
     opt = torch.optim.Adam(groups)
     base = [g["lr"] for g in groups]
-    loss = None
+    W2C = _world_to_cam(t.R)
     for i in range(cfg.pose_iterations):
         _schedule(opt, base, i, cfg.pose_iterations)
         params = var.params()
-        out = body.forward(params)
-        uv, _ = project_torch(out.keypoints, t.K, _world_to_cam(t.R))
+        uv, _ = project_torch(body.forward(params).keypoints, t.K, W2C)
         loss = L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp) + _prior_terms(params, prior, cfg)
         opt.zero_grad()
         loss.sum().backward()
         opt.step()
         tick(float(loss.detach().min()))
-    best = int(torch.argmin(loss.detach())) if loss is not None else 0
-    return (var.select(best) if len(pick) > 1 else var), int(labels[best]), pick[best]
+
+    with torch.no_grad():
+        # Per start: each limb from the hypothesis with the lower loss on that limb.
+        params = var.params()
+        uv, _ = project_torch(body.forward(params).keypoints, t.K, W2C)
+        kp_terms = L.keypoint_terms(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp)  # (B,17)
+        bone_terms = cfg.w_pose * P.pose_prior_terms(params.pose, prior)  # (B,J)
+        bone_terms.index_add_(1, prior.limits.bones, cfg.w_limit * P.limit_terms(params.pose, prior.limits))
+        pose = var.pose.detach().clone()
+        slot = {b: i for i, b in enumerate(bones)}
+        for s in range(len(pick)):
+            base_row = s * n_h
+            for limb in prior.limbs:
+                cost = kp_terms[base_row:base_row + n_h, limb.keypoints].sum(-1) + \
+                    bone_terms[base_row:base_row + n_h, limb.bones].sum(-1)
+                best = base_row + int(torch.argmin(cost))
+                cols = [slot[b] for b in limb.bones]
+                pose[base_row, cols] = var.pose[best, cols]
+        rows = torch.arange(0, len(idx), n_h, device=pose.device)
+        merged = _Variables(body, prior, var.orient[rows], var.transl[rows], pose[rows])
+        params = merged.params()
+        uv, _ = project_torch(body.forward(params).keypoints, t.K, W2C)
+        lab = labels[rows]
+        loss = L.keypoint_loss(uv, t.kp[lab], t.conf[lab], t.scale_px, cfg.sigma_kp) + _prior_terms(params, prior, cfg)
+        best = int(torch.argmin(loss))
+    return (_Variables(body, prior, merged.orient[best:best + 1], merged.transl[best:best + 1],
+                       merged.pose[best:best + 1]), int(lab[best]), pick[best])
 
 
 def _fit_full(body: BodyModel, prior: P.BodyPrior, t: _Target, sil: L.SilhouetteTarget, var: _Variables,
               label: int, cfg: FitConfig, tick: Callable[[float], None]) -> "_Variables":
     subset = _vertex_subset(body, cfg.vertex_subset)
     kp_t, conf_t = t.kp[label:label + 1], t.conf[label:label + 1]
-    # Mean spacing of the projected subset, what an interior mask pixel is always away from a vertex.
     margin = _subset_spacing_px(body, prior, subset, t)
     groups = [{"params": [var.pose], "lr": cfg.lr_pose * 0.5}, {"params": [var.orient], "lr": cfg.lr_orient * 0.5},
               {"params": [var.transl], "lr": cfg.lr_transl * 0.5}, {"params": [var.shape_z], "lr": cfg.lr_shape}]
@@ -448,11 +479,7 @@ def _fit_full(body: BodyModel, prior: P.BodyPrior, t: _Target, sil: L.Silhouette
         opt.zero_grad()
         loss.sum().backward()
         opt.step()
-        if prior.shape_bounds is not None:
-            with torch.no_grad():
-                lo, hi = prior.shape_bounds
-                var.shape_z.copy_(((prior.shape_mean + var.shape_z / prior.shape_scale).clamp(lo, hi)
-                                   - prior.shape_mean) * prior.shape_scale)
+        var.clamp_shape()
         tick(float(loss.detach().min()))
     return var
 

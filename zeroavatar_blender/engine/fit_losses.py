@@ -20,14 +20,20 @@ def geman_mcclure(sq: torch.Tensor, sigma: float) -> torch.Tensor:
     return sq / (sq + s2)
 
 
-def keypoint_loss(pred: torch.Tensor, target: torch.Tensor, conf: torch.Tensor, scale_px: float,
-                  sigma: float) -> torch.Tensor:
-    """Confidence-weighted robust reprojection error.
+def keypoint_terms(pred: torch.Tensor, target: torch.Tensor, conf: torch.Tensor, scale_px: float,
+                   sigma: float) -> torch.Tensor:
+    """Each keypoint's share of the confidence-weighted robust reprojection error.
 
-    pred (B,17,2) px, target (B or 1,17,2) px, conf (B or 1,17) -> (B,) mean over confident keypoints.
+    pred (B,17,2) px, target (B or 1,17,2) px, conf (B or 1,17) -> (B,17), summing to the mean.
     """
     sq = ((pred - target) / scale_px).square().sum(-1)
-    return (conf * geman_mcclure(sq, sigma)).sum(-1) / conf.sum(-1).clamp_min(1e-6)
+    return conf * geman_mcclure(sq, sigma) / conf.sum(-1, keepdim=True).clamp_min(1e-6)
+
+
+def keypoint_loss(pred: torch.Tensor, target: torch.Tensor, conf: torch.Tensor, scale_px: float,
+                  sigma: float) -> torch.Tensor:
+    """Mean robust reprojection error over confident keypoints: (B,17,2) -> (B,)."""
+    return keypoint_terms(pred, target, conf, scale_px, sigma).sum(-1)
 
 
 @dataclass

@@ -169,10 +169,12 @@ class Job:
         self.emit("message", level=level, message=message)
 
     def progress(self, stage: str, step: int, total: int, *, loss: float | None = None,
-                 stage_started: float | None = None) -> None:
+                 stage_started: float | None = None, done_before: int = 0) -> None:
+        """``done_before``: steps finished before this run started (a resumed job), for the ETA."""
         now = time.time()
         elapsed = now - (stage_started or self.started)
-        eta = elapsed / step * (total - step) if step > 0 else None
+        done = step - done_before
+        eta = elapsed / done * (total - step) if done > 0 else None
         fields: dict[str, Any] = {"stage": stage, "step": int(step), "total": int(total),
                                   "elapsed": round(elapsed, 3)}
         if eta is not None:

@@ -87,6 +87,21 @@ def load_job_body(job: Job, settings: JobSettings):
 
 
 # -- stages -------------------------------------------------------------------------------
+def reset_job_outputs(job: Job) -> None:
+    """A new photo in a reused job folder: remove every artefact of the previous run first, so a
+    failure can never leave an old result that looks like the new one's."""
+    layout = job.layout
+    for path in (layout.perception, layout.fit_json, layout.pose_edit):
+        path.unlink(missing_ok=True)
+    for folder in (layout.checkpoints, layout.meshes):
+        for item in folder.glob("*"):
+            if item.is_file():
+                item.unlink()
+    for folder in (layout.result, job.root / "fit_body", layout.exports):
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def stage_perceive(job: Job, settings: JobSettings, photo_path: Path) -> None:
     from .imageio import load_photo
     from .perception import perceive

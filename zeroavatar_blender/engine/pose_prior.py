@@ -10,7 +10,12 @@ Optional per-model attributes a backend may provide (all have defaults here):
                     parent). An SMPL backend that turns SMPL's Y-up frame into Z-up by a fixed
                     rotation should give that rotation here.
   ``natural_pose()`` (J,3) the pose a missing limb should take (standing, arms down). Default: zero.
+  ``shape_std``     a float or (S,) spread of each shape value in the population, the unit of
+                    the shape prior and of its step size. Default 1.0 (SMPL betas are N(0,1)).
+                    Values that mostly rescale the body are tightened further (see _build_prior).
   ``shape_bounds``  (lo, hi) the valid range of each shape value, applied after each step.
+                    Default: none.
+Anny does not carry the last two (yet); ``_MODEL_DEFAULTS`` holds its values meanwhile.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .body.base import BodyModel, BodyParams
+from .body.base import BodyModel
 
 # Bone freedom in radians (one standard deviation), by bone name without its side marker.
 # Anny spreads one anatomical joint over several bones; the helpers ("...02", pelvis.L/R) mostly
@@ -37,6 +42,12 @@ _BONE_STD = {
     "collar": 0.25, "shoulder": 0.9, "elbow": 0.8,
 }
 _DEFAULT_STD = 0.3
+# Per-model values a backend may override with attributes of the same name (see the docstring).
+# Anny's phenotypes live in [0, 1] (0.5 the average); people spread about +-0.2 around it.
+_SIZE_SPREAD_M = 0.03  # metres of mean vertex motion one shape standard deviation may cause
+_MODEL_DEFAULTS: dict[str, dict[str, object]] = {
+    "anny": {"shape_std": 0.2, "shape_bounds": (0.0, 1.0)},
+}
 
 _FORWARD = (0.0, -1.0, 0.0)  # the subject faces -Y (Blender frame)
 _BACKWARD = (0.0, 1.0, 0.0)
@@ -58,11 +69,18 @@ _LIMITS = {
     "knee": _LimitSpec("hip", "knee", "ankle", _BACKWARD, -0.1, 2.6, True),
     "lowerarm01": _LimitSpec("shoulder", "elbow", "wrist", _FORWARD, -0.1, 2.7, True),
     "elbow": _LimitSpec("shoulder", "elbow", "wrist", _FORWARD, -0.1, 2.7, True),
-    "upperleg01": _LimitSpec(None, "hip", "knee", _FORWARD, -0.6, 2.4, False),
-    "hip": _LimitSpec(None, "hip", "knee", _FORWARD, -0.6, 2.4, False),
+    "upperleg01": _LimitSpec(None, "hip", "knee", _FORWARD, -0.45, 2.4, False),
+    "hip": _LimitSpec(None, "hip", "knee", _FORWARD, -0.45, 2.4, False),
+    "upperarm01": _LimitSpec(None, "shoulder", "elbow", _FORWARD, -1.0, 3.3, False),
+    "shoulder": _LimitSpec(None, "shoulder", "elbow", _FORWARD, -1.0, 3.3, False),
 }
+# The other answer to a foreshortened limb: extra flexion (radians) each limited bone starts with
+# in the second pose hypothesis (thighs and upper arms forward, knees and elbows bent).
+_FLEXED_START = {"upperleg01": 0.9, "hip": 0.9, "lowerleg01": 0.9, "knee": 0.9,
+                 "upperarm01": 0.9, "shoulder": 0.9, "lowerarm01": 0.6, "elbow": 0.6}
 _COCO_INDEX = {("left", n): i for i, n in ((5, "shoulder"), (7, "elbow"), (9, "wrist"), (11, "hip"),
                                              (13, "knee"), (15, "ankle"))}
+_NEXT = {"knee": "ankle", "elbow": "wrist"}
 _COCO_INDEX.update({("right", n): i + 1 for (s, n), i in list(_COCO_INDEX.items())})
 _SIDE_MARKERS = ((".L", "left"), (".R", "right"), ("left_", "left"), ("right_", "right"),
                  ("L_", "left"), ("R_", "right"), ("_l", "left"), ("_r", "right"))
@@ -93,12 +111,23 @@ class JointLimits:
 
 
 @dataclass
+class Limb:
+    """A leg or an arm: the bones that move it (its top limited bone and everything below) and
+    the two keypoints it carries. Limbs are chosen between pose hypotheses one by one."""
+
+    bones: list[int]  # indices into the model's bones, all fitted
+    keypoints: list[int]  # COCO indices (knee and ankle, elbow and wrist)
+
+
+@dataclass
 class BodyPrior:
     mean: torch.Tensor  # (J,3) natural pose
     inv_std: torch.Tensor  # (J,) 1/std for fitted bones, 0 elsewhere
     limits: JointLimits
+    flexed: torch.Tensor  # (J,3) the second hypothesis' start: limbs flexed forward
+    limbs: list[Limb]
     shape_mean: torch.Tensor  # (S,) the model's default shape
-    shape_scale: torch.Tensor  # (S,) metres of mean vertex motion per unit of each shape value
+    shape_std: torch.Tensor  # (S,)
     shape_bounds: tuple[float, float] | None
     rest_keypoints: torch.Tensor  # (17,3) COCO keypoints at the zero pose, default shape
 
@@ -126,21 +155,52 @@ def _build_prior(body: BodyModel) -> BodyPrior:
     mean = (torch.as_tensor(natural(), dtype=dtype, device=device).reshape(J, 3) if callable(natural)
             else torch.zeros(J, 3, dtype=dtype, device=device))
     frame = torch.as_tensor(np.asarray(getattr(body, "pose_frame", np.eye(3))), dtype=dtype, device=device)
-
-    # Shape sensitivity by finite differences: one batched forward of S+1 bodies.
+    defaults = _MODEL_DEFAULTS.get(getattr(body, "id", ""), {})
+    shape_std = torch.as_tensor(getattr(body, "shape_std", defaults.get("shape_std", 1.0)), dtype=dtype,
+                                device=device).expand(S).clone()
+    bounds = getattr(body, "shape_bounds", defaults.get("shape_bounds"))
     shape0 = body.default_shape(1)[0]
-    step = 0.1
-    params = body.zero_params(S + 1)
-    params.shape = shape0.expand(S + 1, S).clone()
-    params.shape[1:] += step * torch.eye(S, dtype=dtype, device=device)
+    # How far one unit of each shape value moves the vertices (central differences): a value that
+    # rescales the whole body (Anny's age and height) gets a prior no looser than people's spread
+    # in size, since a photo cannot tell a tall person far away from a short one nearby.
+    step = 0.25 * shape_std
+    params = body.zero_params(2 * S + 1)
+    params.shape = shape0.expand(2 * S + 1, S).clone()
+    params.shape[1:S + 1] += torch.diag(step)
+    params.shape[S + 1:] -= torch.diag(step)
     with torch.no_grad():
         out = body.forward(params)
-    verts = out.vertices
-    scale = ((verts[1:] - verts[:1]).norm(dim=-1).mean(-1) / step).clamp_min(1e-3)  # (S,)
+    v = out.vertices
+    motion = ((v[1:S + 1] - v[S + 1:]).norm(dim=-1).mean(-1) / (2 * step)).clamp_min(1e-6)  # (S,) m per unit
+    shape_std = torch.minimum(shape_std, _SIZE_SPREAD_M / motion)
     rest_kp = out.keypoints[0]
-    bounds = getattr(body, "shape_bounds", None)
-    return BodyPrior(mean, inv_std, _joint_limits(body, rest_kp, frame), shape0.clone(), scale,
+    limits = _joint_limits(body, rest_kp, frame)
+    flexed = mean.clone()
+    for b, axis in zip(limits.bones.tolist(), limits.flex_axis):
+        flexed[b] = flexed[b] + axis * _FLEXED_START.get(split_side(body.bone_names[b])[0], 0.0)
+    return BodyPrior(mean, inv_std, limits, flexed, _limbs(body), shape0.clone(), shape_std,
                      tuple(bounds) if bounds is not None else None, rest_kp.clone())
+
+
+def _limbs(body: BodyModel) -> list[Limb]:
+    fitted = set(body.fit_bones)
+    children: dict[int, list[int]] = {}
+    for b, parent in enumerate(body.bone_parents.tolist()):
+        children.setdefault(parent, []).append(b)
+    limbs = []
+    for b, name in enumerate(body.bone_names):
+        base, side = split_side(name)
+        spec = _LIMITS.get(base)
+        if spec is None or spec.parent is not None or side is None or b not in fitted:
+            continue  # limbs start at the hips and shoulders (limits without a parent segment)
+        bones, todo = [], [b]
+        while todo:
+            c = todo.pop()
+            if c in fitted:
+                bones.append(c)
+            todo.extend(children.get(c, []))
+        limbs.append(Limb(sorted(bones), [_COCO_INDEX[(side, spec.child)], _COCO_INDEX[(side, _NEXT[spec.child])]]))
+    return limbs
 
 
 def _joint_limits(body: BodyModel, kp: torch.Tensor, frame: torch.Tensor) -> JointLimits:
@@ -178,30 +238,34 @@ def _joint_limits(body: BodyModel, kp: torch.Tensor, frame: torch.Tensor) -> Joi
 
 
 # -- losses ---------------------------------------------------------------------------------
+def pose_prior_terms(pose: torch.Tensor, prior: BodyPrior) -> torch.Tensor:
+    """Squared distance to the natural pose in standard deviations, per bone. (B,J,3) -> (B,J)."""
+    return ((pose - prior.mean) * prior.inv_std[:, None]).square().sum(-1)
+
+
 def pose_prior_loss(pose: torch.Tensor, prior: BodyPrior) -> torch.Tensor:
-    """Squared distance to the natural pose in standard deviations. (B,J,3) -> (B,)."""
-    return ((pose - prior.mean) * prior.inv_std[:, None]).square().sum((-1, -2))
+    return pose_prior_terms(pose, prior).sum(-1)
 
 
-def limit_loss(pose: torch.Tensor, limits: JointLimits, side_std: float = 0.1,
-               twist_std: float = 0.25) -> torch.Tensor:
-    """Knees and elbows bending the wrong way, hips over-extending. (B,J,3) -> (B,) in radians^2
-    (the side/twist terms in standard deviations)."""
-    if limits.bones.numel() == 0:
-        return pose.new_zeros(pose.shape[0])
+def limit_terms(pose: torch.Tensor, limits: JointLimits, side_std: float = 0.1,
+                twist_std: float = 0.25) -> torch.Tensor:
+    """Knees and elbows bending the wrong way, hips and shoulders over-extending, per limit:
+    (B,J,3) -> (B,L), radians^2 out of range (side/twist of hinges in standard deviations)."""
     theta = pose[:, limits.bones]  # (B,L,3)
     flex = limits.rest_flex + (theta * limits.flex_axis).sum(-1)
     out = (limits.lo - flex).clamp_min(0).square() + (flex - limits.hi).clamp_min(0).square()
     side = (theta * limits.side_axis).sum(-1) / side_std
     twist = (theta * limits.twist_axis).sum(-1) / twist_std
-    out = out + limits.hinge * (side.square() + twist.square())
-    return out.sum(-1)
+    return out + limits.hinge * (side.square() + twist.square())
 
 
-def shape_prior_loss(shape: torch.Tensor, prior: BodyPrior, metres: float = 0.03) -> torch.Tensor:
-    """Shape away from the model's average, measured in mean vertex motion (so the same weight
-    suits Anny's [0,1] phenotypes and SMPL's N(0,1) betas). (B,S) -> (B,)."""
-    return ((shape - prior.shape_mean) * prior.shape_scale / metres).square().sum(-1)
+def limit_loss(pose: torch.Tensor, limits: JointLimits) -> torch.Tensor:
+    return limit_terms(pose, limits).sum(-1)
+
+
+def shape_prior_loss(shape: torch.Tensor, prior: BodyPrior) -> torch.Tensor:
+    """Shape away from the model's average in the model's own spreads. (B,S) -> (B,)."""
+    return ((shape - prior.shape_mean) / prior.shape_std).square().sum(-1)
 
 
 def upright_loss(global_orient: torch.Tensor) -> torch.Tensor:
@@ -211,8 +275,3 @@ def upright_loss(global_orient: torch.Tensor) -> torch.Tensor:
 
     return 1.0 - rotvec_to_matrix(global_orient)[:, 2, 2]
 
-
-def clamp_shape(params: BodyParams, prior: BodyPrior) -> None:
-    if prior.shape_bounds is not None:
-        with torch.no_grad():
-            params.shape.clamp_(*prior.shape_bounds)

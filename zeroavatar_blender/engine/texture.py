@@ -62,7 +62,11 @@ def mirror_faces(faces: np.ndarray, vertex_mirror: np.ndarray) -> tuple[np.ndarr
     """
     faces = np.asarray(faces, dtype=np.int64)
     n = int(max(faces.max(), vertex_mirror.max())) + 1
-    key = lambda tri: ((lambda s: (s[:, 0] * n + s[:, 1]) * n + s[:, 2])(np.sort(tri, 1)))  # noqa: E731
+
+    def key(tri: np.ndarray) -> np.ndarray:  # an order-free id of a vertex triple
+        s = np.sort(tri, 1)
+        return (s[:, 0] * n + s[:, 1]) * n + s[:, 2]
+
     keys = key(faces)
     order = np.argsort(keys)
     mirrored = vertex_mirror[faces]
@@ -189,7 +193,8 @@ def push_pull(image: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return out[0].permute(1, 2, 0).numpy()
 
 
-def project_texels(points: np.ndarray, normals: np.ndarray, camera: Camera) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def project_texels(points: np.ndarray, normals: np.ndarray,
+                   camera: Camera) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """World points (N,3) and unit normals -> (pixels (N,2), camera z (N,), facing cosine (N,))."""
     cam = camera.to_cam(points)
     z = cam[:, 2]
@@ -207,8 +212,9 @@ def bake_photo_texture(photo_rgb: np.ndarray, camera: Camera, vertices_world: to
 
     ``camera`` must describe ``photo_rgb``'s own size (pass ``camera.scaled(...)`` for a resized
     photo); ``vertices_world`` (V,3) is the body posed as in the photo; ``mask`` (H,W) is the
-    person mask, eroded by ``mask_erode_px`` (default: about 0.3 % of the image side, at least
-    2 px) so background colour at its edge does not bleed onto the body.
+    person mask (bool, or soft in [0,1] cut at 0.5), eroded by ``mask_erode_px`` (default: about
+    0.3 % of the image side, at least 2 px) so background colour at its edge does not bleed onto
+    the body.
     """
     photo = np.asarray(photo_rgb)
     if photo.ndim != 3 or photo.shape[2] < 3:
@@ -248,7 +254,8 @@ def bake_photo_texture(photo_rgb: np.ndarray, camera: Camera, vertices_world: to
     seen = inside & visible & (facing > MIN_FACING)
     if mask is not None:
         radius = mask_erode_px if mask_erode_px is not None else max(2, round(0.003 * max(H, W)))
-        seen &= erode_mask(mask, radius)[py, px]
+        person = mask > 0.5 if np.issubdtype(mask.dtype, np.floating) else mask.astype(bool)  # soft masks too
+        seen &= erode_mask(person, radius)[py, px]
 
     S = size
     colors = np.zeros((len(flat), 3), dtype=np.float64)

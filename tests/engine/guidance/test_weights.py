@@ -15,6 +15,15 @@ from zeroavatar_blender.engine.errors import BadInputError, MissingModelError
 from zeroavatar_blender.engine.guidance import weights as W
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models' ops are too small to split: extra threads only spin (4x slower on a busy box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tm.TinyLayouts:
     return tm.make_layouts(tmp_path_factory.mktemp("tiny"))

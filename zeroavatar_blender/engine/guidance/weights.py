@@ -403,7 +403,7 @@ def _load(what: str, path: Path, fn, *args, **kwargs):
     """Run a diffusers/transformers loader, turning its errors into one that names the file."""
     try:
         return fn(*args, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise BadInputError(f"could not load the {what} from {path}: {type(exc).__name__}: {exc}",
                             f"the file may be incomplete, corrupt or not an SD1.x {what}; re-download it or choose "
                             "another") from exc

@@ -40,7 +40,8 @@ class Raster:
         return self.face_id >= 0
 
 
-def project_triangles(vertices_cam: torch.Tensor, faces: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def project_triangles(vertices_cam: torch.Tensor, faces: torch.Tensor,
+                      K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Corners in pixels and depth. (V,3), (F,3), (3,3) -> ((F,3,2) pixels, (F,3) z)."""
     tri = vertices_cam[faces]
     z = tri[..., 2]
@@ -161,7 +162,7 @@ def rasterize(vertices_cam: torch.Tensor, faces: torch.Tensor, K: torch.Tensor, 
             limit = (ends[start_row - 1] if start_row > 0 else 0) + chunk
             stop_row = max(start_row + 1, int(torch.searchsorted(ends, limit, right=True)))
             _splat(zbuf, xy, z, area, row_tri[start_row:stop_row], row_y[start_row:stop_row],
-                   lo[start_row:stop_row], count[start_row:stop_row], fidx, W, v.dtype)
+                   lo[start_row:stop_row], count[start_row:stop_row], W, v.dtype)
             start_row = stop_row
 
         hit = (zbuf != _EMPTY).nonzero()[:, 0]
@@ -179,9 +180,9 @@ def rasterize(vertices_cam: torch.Tensor, faces: torch.Tensor, K: torch.Tensor, 
 
 
 def _splat(zbuf: torch.Tensor, xy: torch.Tensor, z: torch.Tensor, area: torch.Tensor, row_tri: torch.Tensor,
-           row_y: torch.Tensor, lo: torch.Tensor, count: torch.Tensor, fidx: torch.Tensor, W: int,
-           dtype: torch.dtype) -> None:
-    """Depth-test one chunk of row spans into the flat key buffer ``zbuf`` (H*W,)."""
+           row_y: torch.Tensor, lo: torch.Tensor, count: torch.Tensor, W: int, dtype: torch.dtype) -> None:
+    """Depth-test one chunk of row spans into the flat key buffer ``zbuf`` (H*W,). On an exact
+    depth tie the lower face index wins, so results do not depend on chunking or device."""
     device = zbuf.device
     n = int(count.sum())
     item = torch.repeat_interleave(torch.arange(len(count), device=device), count, output_size=n)
@@ -213,11 +214,13 @@ def interpolate(raster: Raster, attributes: torch.Tensor, faces: torch.Tensor | 
         corners = attributes
     else:
         raise ValueError(f"interpolate: attributes must be (V,C) or (F,3,C), got {tuple(attributes.shape)}")
-    mask = raster.mask
-    fid = raster.face_id.clamp_min(0).to(attributes.device)
-    bary = raster.bary.to(device=attributes.device, dtype=attributes.dtype)
-    values = (bary[..., None] * corners[fid]).sum(-2)
-    return torch.where(mask.to(attributes.device)[..., None], values, torch.zeros_like(values))
+    H, W = raster.face_id.shape
+    face_id = raster.face_id.to(attributes.device).reshape(-1)
+    hit = (face_id >= 0).nonzero()[:, 0]  # only covered pixels: bodies fill a fraction of the image
+    bary = raster.bary.to(device=attributes.device, dtype=attributes.dtype).reshape(-1, 3)[hit]
+    values = (bary[:, :, None] * corners[face_id[hit]]).sum(1)
+    out = torch.zeros(H * W, corners.shape[-1], dtype=attributes.dtype, device=attributes.device)
+    return out.index_put((hit,), values).reshape(H, W, -1)
 
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

@@ -230,9 +230,6 @@ class OccupancyGridRenderer:
     """CUDA path: nerfacc's occupancy grid marcher plus ``nerfacc.rendering`` on packed samples."""
 
     def __init__(self, aabb: torch.Tensor, config: OccupancyGridConfig | None = None) -> None:
-        if aabb.device.type != "cuda":
-            raise RuntimeError("OccupancyGridRenderer needs a CUDA device (nerfacc's grid marcher is CUDA-only); "
-                               "use render_dense on the CPU")
         self.config = config or OccupancyGridConfig()
         self.aabb = aabb
         self.step_size = self.config.render_step_size or float((aabb[1] - aabb[0]).norm()) / 512
@@ -253,16 +250,24 @@ class OccupancyGridRenderer:
         """Build the grid from scratch for a fixed field (inference, or just after distillation):
         every cell at several jittered points, keeping each cell's maximum."""
         c = self.config
-        self.estimator.occs.zero_()
+        est = self.estimator
+        est.occs.zero_()
         for _ in range(rounds):
-            self.estimator._update(step=0, occ_eval_fn=lambda x: field.density(x) * self.step_size,
-                                   occ_thre=c.occ_threshold, ema_decay=1.0, warmup_steps=1)
+            est._update(step=0, occ_eval_fn=lambda x: field.density(x) * self.step_size,
+                        occ_thre=c.occ_threshold, ema_decay=1.0, warmup_steps=1)
+        # One random point per cell and round can miss a surface that clips a cell's corner:
+        # grow the occupied set by one cell so silhouettes are never cut (as DenseOccupancy does).
+        grown = torch.nn.functional.max_pool3d(est.binaries.float()[:, None], 3, stride=1, padding=1)[:, 0] > 0
+        est.binaries = grown
 
     def render(self, field: RadianceField, rays: RayBundle, *, jitter: bool = False,
                background: torch.Tensor | None = None, near: float = 0.0, with_normals: bool = False
                ) -> RenderOutputs:
         c = self.config
         o, d = rays.origins, rays.directions
+        if o.device.type != "cuda":
+            raise RuntimeError("the occupancy-grid renderer marches rays with nerfacc's CUDA extension; "
+                               "use render_dense (VolumeRenderer picks it) for rays on the CPU")
 
         def sigma_fn(t_starts: torch.Tensor, t_ends: torch.Tensor, ray_indices: torch.Tensor) -> torch.Tensor:
             x = o[ray_indices] + d[ray_indices] * ((t_starts + t_ends) / 2)[:, None]

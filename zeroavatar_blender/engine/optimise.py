@@ -1,0 +1,517 @@
+"""The ZeroAvatar optimisation loop: a body-initialised NeRF fitted to the photo and guided elsewhere.
+
+Per step:
+  * reference view (the fit's camera): RGB and mask losses on a random subset of the photo's
+    pixels, and depth correlation (Pearson) with the fitted body's depth there;
+  * a novel view orbiting the subject (front-biased early): the UV-guided texture prior (the body
+    textured from the photo and its left-right mirror, rendered at that view) pulls the field's
+    colour on the body's pixels where that texture is known, with a weight that decays;
+  * quality ``full``: score distillation from Stable Diffusion through a depth ControlNet,
+    conditioned on the body's rendered depth until ``depth_switch_step``, then on the field's own;
+  * a fading body-density prior keeps unobserved space near the body early on.
+Every ``mesh_every`` steps a marching-cubes preview goes to meshes/ (Blender shows it); every
+``checkpoint_every`` steps, and on cancel, a checkpoint. Each step seeds the RNGs from
+(seed, step), so ``resume`` continues to the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import protocol
+from .cameras import Camera, orbit_camera
+from .errors import BadInputError, CancelledError, EngineError, NeedsChoiceError
+from .guidance.schedules import Schedule, value_at
+from .job import Job, atomic_save
+
+CHECKPOINT_KEEP = 3
+
+
+@dataclass
+class OptimiseConfig:
+    """All step-dependent settings of a run; saved in each checkpoint (resume checks it)."""
+
+    quality: str = "standard"
+    steps: int = 400
+    seed: int = 0
+    device: str = "cpu"
+    # field
+    log2_hashmap_size: int = 16
+    n_levels: int = 12
+    max_resolution: int = 512
+    aabb_padding: float = 0.15
+    distill_steps: int = 200
+    lr_encoding: float = 1e-2
+    lr_mlp: float = 2e-3
+    # rendering
+    n_samples: int = 64
+    ref_resolution: int = 256  # long side of the reference image
+    ref_rays: int = 2048  # reference pixels per step
+    novel_resolution: Any = 40  # square novel views; a schedule allowed
+    novel_views: int = 1
+    elevation_range: tuple[float, float] = (-10.0, 30.0)
+    front_bias: Any = ((0, 0.6), (0.5, 0.1))  # probability of a near-front view, fraction of steps
+    # losses (weights may be schedules over the fraction of steps done)
+    w_rgb: Any = 1.0
+    w_mask: Any = 0.5
+    w_depth_corr: Any = 0.05
+    w_uv_prior: Any = ((0, 1.0), (0.7, 0.2))
+    w_body_prior: Any = ((0, 0.05), (0.5, 0.005))
+    w_sds: Any = 0.0
+    depth_switch_step: float = 0.5  # full: ControlNet depth from the body until this fraction, then the field's
+    guidance_scale: float = 50.0
+    sds_resolution: int = 512
+    # streaming and checkpoints
+    mesh_every: int = 50
+    mesh_resolution: int = 72
+    checkpoint_every: int = 100
+
+    @staticmethod
+    def for_quality(quality: str, device: str, steps: int | None = None, seed: int = 0) -> "OptimiseConfig":
+        gpu = device == "cuda"
+        if quality == "standard":
+            cfg = OptimiseConfig(quality=quality, device=device, seed=seed)
+            if gpu:
+                cfg = dataclasses.replace(cfg, steps=1500, log2_hashmap_size=19, n_levels=16, max_resolution=2048,
+                                          n_samples=128, ref_resolution=512, ref_rays=8192,
+                                          novel_resolution=((0, 64), (0.5, 128)), novel_views=2, distill_steps=500,
+                                          mesh_every=100, mesh_resolution=128, checkpoint_every=250)
+        elif quality == "full":
+            cfg = OptimiseConfig(
+                quality=quality, device=device, seed=seed, steps=2500 if gpu else 300,
+                log2_hashmap_size=19 if gpu else 16, n_levels=16 if gpu else 12, max_resolution=2048 if gpu else 512,
+                n_samples=128 if gpu else 64, ref_resolution=512 if gpu else 256, ref_rays=8192 if gpu else 2048,
+                novel_resolution=((0, 64), (0.4, 128)) if gpu else 40, novel_views=1, distill_steps=500 if gpu else 200,
+                # threestudio's balance for SDS (loss summed over latents) against mean-reduced image losses
+                w_rgb=1000.0, w_mask=100.0, w_depth_corr=5.0, w_uv_prior=((0, 500.0), (0.6, 20.0)),
+                w_body_prior=((0, 5.0), (0.4, 0.0)), w_sds=1.0,
+                mesh_every=100 if gpu else 25, mesh_resolution=128 if gpu else 64, checkpoint_every=250 if gpu else 50)
+        else:
+            raise ValueError(f"no optimisation for quality {quality!r}")
+        if steps is not None:
+            cfg.steps = int(steps)
+        return cfg
+
+    def at(self, value: Any, step: int) -> float:
+        """A setting at ``step``: plain numbers, or (fraction-of-steps, value) points."""
+        if isinstance(value, (int, float)):
+            return float(value)
+        points = [(float(f) * self.steps, float(v)) for f, v in value]
+        return value_at(Schedule(points), step)
+
+    def fingerprint(self) -> str:
+        """What must match for a checkpoint to be resumed (not the step count: more steps may be asked)."""
+        d = dataclasses.asdict(self)
+        for key in ("steps", "mesh_every", "checkpoint_every"):
+            d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+def checkpoint_paths(job: Job) -> list[Path]:
+    return sorted(job.layout.checkpoints.glob("step_*.pt"))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint is our own file, still read with weights_only=True (plain tensors and numbers)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(job: Job, *, on_bad=None) -> dict[str, Any] | None:
+    """The newest checkpoint that loads; a corrupt or half-written one is skipped (and reported)."""
+    for path in reversed(checkpoint_paths(job)):
+        try:
+            ckpt = load_checkpoint(path)
+            if "field" not in ckpt or "step" not in ckpt:
+                raise ValueError("missing keys")
+            ckpt["path"] = str(path)
+            return ckpt
+        except Exception as exc:  # noqa: BLE001 - any failure to read means: use the previous one
+            if on_bad is not None:
+                on_bad(path, exc)
+    return None
+
+
+def clear_run(job: Job) -> None:
+    """A fresh optimisation: drop the checkpoints and previews of an earlier run."""
+    for path in checkpoint_paths(job) + sorted(job.layout.meshes.glob("step_*.npz")):
+        path.unlink(missing_ok=True)
+
+
+def save_checkpoint(job: Job, state: dict[str, Any]) -> Path:
+    path = job.layout.checkpoints / f"step_{int(state['step']):06d}.pt"
+    atomic_save(path, lambda tmp: torch.save(state, tmp))
+    for old in checkpoint_paths(job)[:-CHECKPOINT_KEEP]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+# -- the problem: everything the loop needs, built once ---------------------------------------
+@dataclass
+class Problem:
+    config: OptimiseConfig
+    device: torch.device
+    body_vertices: torch.Tensor  # (V,3) posed body, world
+    body_faces: torch.Tensor  # (F,3)
+    corner_uv: torch.Tensor  # (F,3,2)
+    uv_texture: torch.Tensor  # (S,S,4): rgb + known flag in [0,1]
+    ref_camera: Camera
+    ref_rgb: torch.Tensor  # (H,W,3) in [0,1]
+    ref_mask: torch.Tensor  # (H,W) in [0,1]
+    ref_body_depth: torch.Tensor  # (H,W) +inf off the body
+    target: np.ndarray  # orbit centre
+    radius: float
+    frame_offset: np.ndarray  # world -> the posed avatar frame Blender shows (bundle meta)
+    focal_ratio: float  # focal / image side for novel views
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, Any, Any]:
+    """-> (problem, body, params)."""
+    from .avatar import body_frame_offset
+    from .finalise import fitted_params
+    from .fit import BodyFit
+    from .imageio import load_photo
+    from .perception import Perception
+    from .pipeline import load_job_body
+    from .render.raster import rasterize
+    from .texture import EMPTY, SMOOTHED, bake_photo_texture
+
+    device = torch.device(config.device)
+    fit = BodyFit.load(job.layout.fit_json)
+    body = load_job_body(job, settings)
+    params = fitted_params(job, body, fit)
+    with torch.no_grad():
+        posed = body.forward(params).vertices[0].float()
+    photo = load_photo(job.root / settings.photo)
+    perception = Perception.load(job.layout.perception)
+    work_cam = fit.camera.scaled(photo.scale)
+    mask = perception.mask if perception.mask.shape[:2] == photo.rgb.shape[:2] else None
+    tex = bake_photo_texture(photo.rgb, work_cam, posed, body, mask=mask, size=512)
+    known = ((tex.source != EMPTY) & (tex.source != SMOOTHED)).astype(np.float32)
+    uv_texture = torch.cat([torch.from_numpy(tex.image).float() / 255, torch.from_numpy(known)[..., None]], -1)
+
+    # the reference view at a working resolution
+    scale = config.ref_resolution / max(photo.rgb.shape[:2])
+    ref_cam = work_cam.scaled(scale)
+    H, W = ref_cam.height, ref_cam.width
+    rgb = torch.from_numpy(photo.rgb).permute(2, 0, 1)[None].float() / 255
+    ref_rgb = F.interpolate(rgb, size=(H, W), mode="area")[0].permute(1, 2, 0)
+    pmask = perception.mask if perception.mask is not None else np.ones(photo.rgb.shape[:2], np.float32)
+    ref_mask = F.interpolate(torch.from_numpy(np.asarray(pmask, np.float32))[None, None], size=(H, W), mode="area")[0, 0]
+    K, w2c = ref_cam.torch(torch.float32)
+    v_cam = posed @ w2c[:3, :3].T + w2c[:3, 3]
+    faces = torch.as_tensor(body.faces, dtype=torch.long)
+    ref_depth = rasterize(v_cam, faces, K, W, H).depth
+
+    lo, hi = posed.min(0).values.numpy(), posed.max(0).values.numpy()
+    target = (lo + hi) / 2
+    radius = float(np.linalg.norm(fit.camera.center - target))
+    radius = float(np.clip(radius, 1.5, 8.0))
+    problem = Problem(
+        config=config, device=device, body_vertices=posed.to(device), body_faces=faces.to(device),
+        corner_uv=torch.as_tensor(body.corner_uv, dtype=torch.float32, device=device),
+        uv_texture=uv_texture.to(device), ref_camera=ref_cam, ref_rgb=ref_rgb.to(device),
+        ref_mask=ref_mask.clamp(0, 1).to(device), ref_body_depth=ref_depth.to(device), target=target, radius=radius,
+        frame_offset=body_frame_offset(body, params), focal_ratio=float(fit.camera.K[0, 0] / max(fit.camera.width, fit.camera.height)),
+    )
+    return problem, body, params
+
+
+# -- losses (pure functions) -------------------------------------------------------------------
+def pearson_depth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - Pearson correlation of two depth samples (scale- and shift-free, as monocular depth is)."""
+    if pred.numel() < 8:
+        return pred.sum() * 0
+    p = pred - pred.mean()
+    t = target - target.mean()
+    corr = (p * t).sum() / (p.norm() * t.norm()).clamp_min(1e-8)
+    return 1 - corr
+
+
+def sample_reference_pixels(mask: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Pixel indices: half inside the (dilated) person mask, half anywhere. (H,W) -> (n,) long."""
+    H, W = mask.shape
+    dil = F.max_pool2d(mask[None, None], 7, stride=1, padding=3)[0, 0].reshape(-1) > 0.05
+    inside = torch.nonzero(dil).squeeze(1)
+    n_in = n // 2 if len(inside) else 0
+    pick_in = inside[torch.randint(len(inside), (n_in,), generator=generator)] if n_in else inside[:0]
+    pick_any = torch.randint(H * W, (n - n_in,), generator=generator)
+    return torch.cat([pick_in, pick_any])
+
+
+def sample_novel_camera(problem: Problem, step: int, generator: torch.Generator, resolution: int) -> tuple[Camera, float, float]:
+    c = problem.config
+    u = torch.rand(3, generator=generator).tolist()
+    if u[0] < c.at(c.front_bias, step):
+        azimuth = (u[1] - 0.5) * 90.0
+    else:
+        azimuth = u[1] * 360.0 - 180.0
+    elevation = c.elevation_range[0] + u[2] * (c.elevation_range[1] - c.elevation_range[0])
+    f = problem.focal_ratio * resolution
+    K = np.array([[f, 0, (resolution - 1) / 2], [0, f, (resolution - 1) / 2], [0, 0, 1]])
+    cam = orbit_camera(problem.target, problem.radius, azimuth, elevation, K, resolution, resolution)
+    return cam, azimuth, elevation
+
+
+def render_body_prior(problem: Problem, cam: Camera) -> dict[str, torch.Tensor]:
+    """The UV-textured body at a view: rgb, known-texel mask, body mask and depth."""
+    from .render.raster import interpolate, rasterize, sample_texture
+
+    K, w2c = cam.torch(torch.float32, problem.device)
+    v_cam = problem.body_vertices @ w2c[:3, :3].T + w2c[:3, 3]
+    raster = rasterize(v_cam, problem.body_faces, K, cam.width, cam.height)
+    uv = interpolate(raster, problem.corner_uv)
+    tex = sample_texture(problem.uv_texture, uv)
+    body_mask = raster.mask
+    return {"rgb": tex[..., :3], "known": (tex[..., 3] > 0.5) & body_mask, "mask": body_mask, "depth": raster.depth}
+
+
+# -- the loop ------------------------------------------------------------------------------------
+class Optimiser:
+    def __init__(self, job: Job, problem: Problem, guidance=None, prompts=None) -> None:
+        from .field.body_prior import BodyPrior, BodyPriorConfig
+        from .field.encoding import HashGridConfig
+        from .field.nerf import NeRFField, NeRFFieldConfig
+        from .field.body_prior import body_aabb
+        from .render.volume import VolumeRenderer, VolumeRendererConfig
+
+        self.job = job
+        self.problem = problem
+        c = self.config = problem.config
+        dev = problem.device
+        body_np = problem.body_vertices.cpu().numpy()
+        self.aabb = body_aabb(body_np, c.aabb_padding).to(dev)
+        enc = HashGridConfig(n_levels=c.n_levels, log2_hashmap_size=c.log2_hashmap_size, max_resolution=c.max_resolution)
+        torch.manual_seed(c.seed)
+        self.field = NeRFField(self.aabb, NeRFFieldConfig(encoding=enc), device=dev)
+        self.prior = BodyPrior.from_mesh(body_np, problem.body_faces.cpu().numpy(),
+                                         BodyPriorConfig(grid_resolution=96 if dev.type == "cpu" else 128)).to(dev)
+        self.renderer = VolumeRenderer(self.aabb, VolumeRendererConfig(n_samples=c.n_samples))
+        self.optimizer = torch.optim.Adam([
+            {"params": self.field.encoding.parameters(), "lr": c.lr_encoding},
+            {"params": list(self.field.density_mlp.parameters()) + list(self.field.color_mlp.parameters()), "lr": c.lr_mlp},
+        ], betas=(0.9, 0.99), eps=1e-15)
+        self.guidance = guidance
+        self.prompts = prompts
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.oom_downscale = 1.0
+
+    # state ------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        grid = self.renderer.cpu_grid.mask if self.renderer.cpu_grid is not None else None
+        state = {"step": self.step, "field": self.field.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "config": json.dumps(dataclasses.asdict(self.config), default=str),
+                 "fingerprint": self.config.fingerprint(), "aabb": self.aabb.cpu(),
+                 "history": json.dumps(self.history[-2000:])}
+        if grid is not None:
+            state["cpu_grid"] = grid.cpu()
+        if self.renderer.grid is not None:
+            state["cuda_grid"] = {k: v.cpu() for k, v in self.renderer.grid.estimator.state_dict().items()}
+        return state
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        if ckpt.get("fingerprint") != self.config.fingerprint():
+            raise BadInputError("the checkpoint was made with other settings (quality, device or model size)",
+                                "resume with the same --quality and --device, or start the optimisation again")
+        self.field.load_state_dict(ckpt["field"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        self.history = json.loads(ckpt.get("history", "[]"))
+        if "cpu_grid" in ckpt and self.renderer.cpu_grid is not None:
+            self.renderer.cpu_grid.mask = ckpt["cpu_grid"].to(self.problem.device)
+        if "cuda_grid" in ckpt and self.renderer.grid is not None:
+            self.renderer.grid.estimator.load_state_dict({k: v.to(self.problem.device) for k, v in ckpt["cuda_grid"].items()})
+
+    def initialise(self) -> None:
+        """Distil the posed body's density into the field, so optimisation starts from the body."""
+        from .field.body_prior import DistillConfig, distill_body_prior, sample_surface
+
+        surface = sample_surface(self.problem.body_vertices.cpu().numpy().astype(np.float64),
+                                 self.problem.body_faces.cpu().numpy(), 50_000, np.random.default_rng(self.config.seed))
+        report = distill_body_prior(self.field, self.prior, torch.from_numpy(surface).float(),
+                                    DistillConfig(steps=self.config.distill_steps, seed=self.config.seed,
+                                                  batch_size=1 << 13 if self.problem.device.type == "cpu" else 1 << 16))
+        self.renderer.fill(self.field)
+        self.job.info(f"Field initialised from the body in {report.seconds:.1f} s (loss {report.final_loss:.3f})")
+
+    # one step ----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        from .field.body_prior import prior_loss
+        from .render.volume import RayBundle, background_color
+
+        p, c, step = self.problem, self.config, self.step
+        seed = (c.seed * 1_000_003 + step) % (2 ** 63)
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        dev = p.device
+        self.renderer.update(self.field, step)
+        losses: dict[str, torch.Tensor] = {}
+
+        # reference view: random pixels of the photo
+        cam = p.ref_camera
+        K, w2c = cam.torch(torch.float32, dev)
+        rays_all = RayBundle.from_camera(K, w2c, cam.width, cam.height)
+        n_rays = max(256, int(c.ref_rays * self.oom_downscale))
+        idx = sample_reference_pixels(p.ref_mask, n_rays, gen).to(dev)
+        out = self.renderer.render(self.field, rays_all[idx], jitter=True, generator=gen)
+        mask_t = p.ref_mask.reshape(-1)[idx][:, None]
+        rgb_t = p.ref_rgb.reshape(-1, 3)[idx]
+        # compare premultiplied colours: outside the person both colour and opacity go to zero
+        losses["rgb"] = F.mse_loss(out.rgb, rgb_t * mask_t)
+        losses["mask"] = F.mse_loss(out.opacity, mask_t)
+        bd = p.ref_body_depth.reshape(-1)[idx]
+        valid = torch.isfinite(bd) & (mask_t[:, 0] > 0.5) & (out.opacity[:, 0] > 0.5)
+        cam_center = torch.as_tensor(cam.center, dtype=torch.float32, device=dev)
+        ray_z = (rays_all.directions[idx] @ w2c[2, :3])  # depth along the optical axis per unit ray length
+        losses["depth_corr"] = pearson_depth_loss((out.depth[:, 0] * ray_z)[valid], bd[valid])
+        del cam_center
+
+        # novel views: the UV-guided texture prior, and SDS in full quality
+        res = max(16, int(c.at(c.novel_resolution, step) * math.sqrt(self.oom_downscale)))
+        uv_terms, sds_terms = [], []
+        for _ in range(c.novel_views):
+            ncam, azimuth, elevation = sample_novel_camera(p, step, gen, res)
+            nK, nw2c = ncam.torch(torch.float32, dev)
+            bg = background_color("random", res * res, device=dev, generator=gen)
+            nout = self.renderer.render(self.field, RayBundle.from_camera(nK, nw2c, res, res), jitter=True,
+                                        background=bg, generator=gen).image(res, res)
+            prior = render_body_prior(p, ncam)
+            known = prior["known"]
+            if known.any():
+                uv_terms.append(F.mse_loss(nout.rgb[known], prior["rgb"][known]))
+            if self.guidance is not None and c.at(c.w_sds, step) > 0:
+                sds_terms.append(self._sds(nout, prior, ncam, azimuth, elevation, step, gen))
+        zero = torch.zeros((), device=dev)
+        losses["uv_prior"] = torch.stack(uv_terms).mean() if uv_terms else zero
+        if sds_terms:
+            losses["sds"] = torch.stack(sds_terms).mean()
+        # fading body prior at fresh points in the box
+        pts = self.aabb[0] + torch.rand(4096, 3, generator=gen).to(dev) * (self.aabb[1] - self.aabb[0])
+        losses["body_prior"] = prior_loss(self.field, self.prior, pts)
+
+        weights = {"rgb": c.w_rgb, "mask": c.w_mask, "depth_corr": c.w_depth_corr, "uv_prior": c.w_uv_prior,
+                   "body_prior": c.w_body_prior, "sds": c.w_sds}
+        total = sum(c.at(weights[k], step) * v for k, v in losses.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.step += 1
+        record = {k: float(v.detach()) for k, v in losses.items()}
+        record["total"] = float(total.detach())
+        self.history.append(record)
+        return record
+
+    def _sds(self, nout, prior, ncam, azimuth, elevation, step, gen) -> torch.Tensor:
+        from .guidance.sds import normalise_depth
+
+        c = self.config
+        rgb = nout.rgb.permute(2, 0, 1)[None]
+        if step < c.depth_switch_step * c.steps:
+            depth = prior["depth"]
+            mask = prior["mask"]
+        else:
+            depth = torch.where(nout.opacity[..., 0] > 0.5, nout.depth[..., 0], torch.full_like(nout.depth[..., 0], float("inf")))
+            mask = nout.opacity[..., 0] > 0.5
+        depth_cond = normalise_depth(depth.detach()[None, None], mask[None, None])
+        emb = self.prompts([azimuth], [elevation])
+        out = self.guidance(rgb, depth_cond, emb, step, generator=gen)
+        self.last_depth_source = "body" if step < c.depth_switch_step * c.steps else "field"
+        return out["loss"]
+
+    # streaming ---------------------------------------------------------------------------
+    def stream_mesh(self) -> Path | None:
+        from .extract import extract_mesh, write_preview_mesh
+
+        mesh = extract_mesh(self.field, resolution=self.config.mesh_resolution)
+        if mesh.num_vertices == 0:
+            return None
+        path = self.job.layout.meshes / protocol.mesh_name(self.step)
+        write_preview_mesh(path, mesh.vertices + self.problem.frame_offset, mesh.faces, mesh.colors)
+        self.job.emit("mesh", step=self.step, path=self.job.rel(path), vertices=int(mesh.num_vertices))
+        return path
+
+    def checkpoint(self) -> Path:
+        path = save_checkpoint(self.job, self.state())
+        self.job.emit("checkpoint", step=self.step, path=self.job.rel(path))
+        return path
+
+
+def _check_full_quality(job: Job, settings, device: str) -> tuple[Any, Any]:
+    """Load the guidance for ``full``, or explain the choice the user has."""
+    from .guidance.prompts import ViewPromptCache, build_prompt
+    from .guidance.sds import DepthControlledSDS, SDSConfig
+    from .guidance.weights import find_guidance_weights
+
+    if device != "cuda" and not settings.extra.get("allow_slow_full"):
+        raise NeedsChoiceError(
+            "quality 'full' runs Stable Diffusion at every step: about 45 s a step on this CPU, many hours a photo",
+            "choose one: --quality standard (no diffusion, minutes on a CPU); run on a machine with a CUDA GPU; "
+            "or add --allow-slow to run 'full' on the CPU anyway")
+    weights = find_guidance_weights(settings.sd_weights, settings.controlnet_weights)
+    job.info(f"Guidance: {weights.description}")
+    cfg = SDSConfig(seed=settings.seed)
+    guidance = DepthControlledSDS.from_weights(weights, device, cfg)
+    prompts = ViewPromptCache(guidance.pipe.encode_text, build_prompt(settings.prompt))
+    return guidance, prompts
+
+
+def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
+    from .pipeline import resolve_device
+
+    device = resolve_device(settings.device)
+    config = OptimiseConfig.for_quality(settings.quality, device, settings.steps, settings.seed)
+    guidance = prompts = None
+    if settings.quality == "full":
+        guidance, prompts = _check_full_quality(job, settings, device)
+    job.stage("optimise", f"Optimising the avatar ({settings.quality}, {config.steps} steps on {device})")
+    problem, _, _ = build_problem(job, settings, config)
+    opt = Optimiser(job, problem, guidance, prompts)
+    ckpt = None if not resume else latest_checkpoint(job, on_bad=lambda p, e: job.info(f"Skipping unreadable checkpoint {p.name}: {e}", "warning"))
+    if resume and ckpt is not None:
+        opt.restore(ckpt)
+        job.info(f"Resuming from step {opt.step} ({Path(ckpt['path']).name})")
+    else:
+        clear_run(job)
+        opt.initialise()
+        opt.stream_mesh()
+    started = time.time()
+    first = opt.step
+    while opt.step < config.steps:
+        if job.cancel_requested:
+            opt.checkpoint()
+            raise CancelledError(f"cancelled at step {opt.step} of {config.steps}",
+                                 "resume the job to continue from this checkpoint")
+        try:
+            record = opt.train_step()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if opt.oom_downscale < 0.1:
+                raise EngineError("the GPU ran out of memory even at a tenth of the batch",
+                                  "close other GPU programs or use --device cpu / --quality standard")
+            opt.oom_downscale *= 0.5
+            job.info(f"GPU out of memory: continuing with {opt.oom_downscale:.0%} of the rays and pixels", "warning")
+            continue
+        if not math.isfinite(record["total"]):
+            raise EngineError(f"the optimisation diverged at step {opt.step} (loss {record['total']})",
+                              "resume from the last checkpoint, or try another --seed")
+        job.progress("optimise", opt.step, config.steps, loss=record["total"], stage_started=started, done_before=first)
+        if opt.step % config.mesh_every == 0 and opt.step < config.steps:
+            opt.stream_mesh()
+        if opt.step % config.checkpoint_every == 0 or opt.step == config.steps:
+            opt.checkpoint()
+    if not checkpoint_paths(job) or int(load_checkpoint(checkpoint_paths(job)[-1])["step"]) != opt.step:
+        opt.checkpoint()
+    opt.stream_mesh()
