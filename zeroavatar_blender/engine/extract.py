@@ -194,39 +194,56 @@ def keep_largest_component(mesh: MeshData) -> MeshData:
     return _subset(mesh, face_label == biggest)
 
 
+def boundary_loops(faces: np.ndarray, num_vertices: int) -> list[np.ndarray]:
+    """Closed loops of boundary edges, each (k, 2) directed edges in walking order.
+
+    A boundary edge is a directed edge whose reverse no face has. Where two holes touch at a
+    vertex the walk splits them into separate loops.
+    """
+    if len(faces) == 0:
+        return []
+    half = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    n = np.int64(num_vertices)
+    boundary = half[~np.isin(half[:, 1] * n + half[:, 0], half[:, 0] * n + half[:, 1])]
+    outgoing: dict[int, list[int]] = {}
+    for i, a in enumerate(boundary[:, 0].tolist()):
+        outgoing.setdefault(a, []).append(i)
+    used = np.zeros(len(boundary), dtype=bool)
+    loops = []
+    for first in range(len(boundary)):
+        if used[first]:
+            continue
+        used[first] = True
+        loop, start, v = [first], int(boundary[first, 0]), int(boundary[first, 1])
+        while v != start:
+            nxt = next((i for i in outgoing.get(v, []) if not used[i]), None)
+            if nxt is None:
+                break  # not closed (non-manifold input): leave it
+            used[nxt] = True
+            loop.append(nxt)
+            v = int(boundary[nxt, 1])
+        if v == start:
+            loops.append(boundary[loop])
+    return loops
+
+
 def fill_small_holes(mesh: MeshData, max_hole_edges: int = 64) -> MeshData:
     """Close boundary loops of at most ``max_hole_edges`` edges with a fan around their centroid.
 
-    A boundary edge is a directed edge whose reverse no face has; each simple loop of them is
-    filled with faces (b, a, centre) for its edges (a, b), which keeps the winding consistent.
-    Larger openings (a cut at the box's border, a real gap) are left alone.
+    Each loop's edges (a, b) get faces (b, a, centre), which keeps the winding consistent with
+    the neighbouring faces. Larger openings (a cut at the box's border, a real gap) are left alone.
     """
-    f = mesh.faces
-    if len(f) == 0:
+    loops = [lp for lp in boundary_loops(mesh.faces, mesh.num_vertices) if 3 <= len(lp) <= max_hole_edges]
+    if not loops:
         return mesh
-    half = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
-    n = np.int64(mesh.num_vertices)
-    key = half[:, 0] * n + half[:, 1]
-    rev = half[:, 1] * n + half[:, 0]
-    boundary = half[~np.isin(rev, key)]
-    if len(boundary) == 0:
-        return mesh
-    adj = sparse.coo_matrix((np.ones(len(boundary)), (boundary[:, 0], boundary[:, 1])), shape=(n, n))
-    _, labels = connected_components(adj, directed=False)
-    edge_label = labels[boundary[:, 0]]
-    vertices = [mesh.vertices]
+    vertices, new_faces = [mesh.vertices], [mesh.faces]
     colors = [mesh.colors] if mesh.colors is not None else None
-    new_faces = [f]
     next_index = mesh.num_vertices
-    for label in np.unique(edge_label):
-        loop = boundary[edge_label == label]
-        loop_vertices = np.unique(loop)
-        simple = len(loop) == len(loop_vertices) and np.all(np.bincount(loop[:, 0], minlength=n)[loop_vertices] == 1)
-        if not simple or len(loop) > max_hole_edges or len(loop) < 3:
-            continue
-        vertices.append(mesh.vertices[loop_vertices].mean(0, keepdims=True))
+    for loop in loops:
+        ring = loop[:, 0]
+        vertices.append(mesh.vertices[ring].mean(0, keepdims=True))
         if colors is not None:
-            colors.append(mesh.colors[loop_vertices].mean(0, keepdims=True))  # type: ignore[index]
+            colors.append(mesh.colors[ring].mean(0, keepdims=True))  # type: ignore[index]
         centre = np.full((len(loop), 1), next_index, dtype=np.int64)
         new_faces.append(np.concatenate([loop[:, 1:2], loop[:, 0:1], centre], 1))
         next_index += 1

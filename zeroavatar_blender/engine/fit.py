@@ -133,8 +133,8 @@ class FitConfig:
     w_limit: float = 1.0
     w_upright: float = 0.02
     w_shape: float = 0.01
-    w_outside: float = 0.3
-    w_cover: float = 0.3
+    w_outside: float = 1.0
+    w_cover: float = 1.0
     sigma_sil: float = 0.1
     vertex_subset: int = 1200
     tie_margin: float = 0.25  # carry a second start when its rigid loss is within this ratio
@@ -300,7 +300,6 @@ def _rigid_starts(t: _Target, prior: P.BodyPrior, cfg: FitConfig) -> _Starts:
         for yaw in yaws:
             orients.append(_compose(_axis_angle((0, 1, 0), roll), _axis_angle((0, 0, 1), yaw)))
             labels.append(label)
-    C = len(orients)
     orient = torch.tensor(np.stack(orients), dtype=dtype, device=device)
     lab = torch.tensor(labels, dtype=torch.long, device=device)
     # Place the rest torso centre on the ray through the 2D torso centre at the estimated depth.
@@ -329,8 +328,8 @@ def _rigid_starts(t: _Target, prior: P.BodyPrior, cfg: FitConfig) -> _Starts:
         pts = (rotvec_to_matrix(orient) @ rest.T).transpose(1, 2) + transl[:, None]
         uv, _ = project_torch(pts, t.K, _world_to_cam(t.R))
         loss = L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, 0.3)
-        # The body faces -Y; the camera looks along +Y. A face seen means facing the camera.
-        # The body faces -Y, the camera looks along +Y: R[1,1] is the cosine of "facing the camera".
+        # The body faces -Y, the camera looks along +Y: R[1,1] is the cosine of "facing the camera",
+        # which a visible face asks for. The labels as given win ties.
         away = (-rotvec_to_matrix(orient)[:, 1, 1]).clamp_min(0)
         score = loss + 0.5 * t.face_seen * away + 0.01 * lab.to(dtype)
     order = torch.argsort(score).tolist()

@@ -33,13 +33,13 @@ from .body.base import BodyModel
 # twist, which no keypoint can see, so they are held nearly still.
 _BONE_STD = {
     # Anny
-    "pelvis": 0.05, "upperleg01": 0.6, "upperleg02": 0.05, "lowerleg01": 0.8, "lowerleg02": 0.05,
+    "pelvis": 0.05, "upperleg01": 0.6, "upperleg02": 0.05, "lowerleg01": 1.0, "lowerleg02": 0.05,
     "foot": 0.25, "spine05": 0.12, "spine04": 0.12, "spine03": 0.12, "spine02": 0.12, "spine01": 0.12,
-    "clavicle": 0.2, "shoulder01": 0.35, "upperarm01": 0.9, "upperarm02": 0.08, "lowerarm01": 0.8,
+    "clavicle": 0.15, "shoulder01": 0.25, "upperarm01": 0.9, "upperarm02": 0.08, "lowerarm01": 1.2,
     "lowerarm02": 0.08, "wrist": 0.3, "neck01": 0.12, "neck02": 0.12, "neck03": 0.12, "head": 0.3,
     # SMPL / SMPL-X
-    "hip": 0.6, "knee": 0.8, "ankle": 0.25, "spine1": 0.2, "spine2": 0.2, "spine3": 0.2, "neck": 0.2,
-    "collar": 0.25, "shoulder": 0.9, "elbow": 0.8,
+    "hip": 0.6, "knee": 1.0, "ankle": 0.25, "spine1": 0.2, "spine2": 0.2, "spine3": 0.2, "neck": 0.2,
+    "collar": 0.25, "shoulder": 0.9, "elbow": 1.2,
 }
 _DEFAULT_STD = 0.3
 # Per-model values a backend may override with attributes of the same name (see the docstring).

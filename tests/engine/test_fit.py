@@ -1,0 +1,186 @@
+"""Body fit against synthetic ground truth (Anny posed, projected and rasterised with a known camera).
+
+Accuracy bars (full body): MPJPE after root alignment <= 60 mm, silhouette IoU >= 0.85. Speed is
+measured in tests/benchmarks/bench_fit.py, not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.benchmarks.bench_fit import CASES, HALF_BODY, evaluate, make_case
+from zeroavatar_blender.engine import pose_prior as P
+from zeroavatar_blender.engine.body.base import COCO17_MIRROR, rotvec_to_matrix
+from zeroavatar_blender.engine.cameras import FRONT_VIEW_R
+from zeroavatar_blender.engine.errors import BadInputError, CancelledError, NoPersonError
+from zeroavatar_blender.engine.fit import BodyFit, fit_body
+
+
+@pytest.fixture(scope="module")
+def walking_fit(anny_body):
+    case = CASES["walking"]
+    perception, truth = make_case(anny_body, case)
+    fit = fit_body(perception, anny_body, focal_px=case.focal_px, seed=case.seed)
+    return case, perception, truth, fit
+
+
+def _check_accuracy(body, case, perception, truth, fit) -> None:
+    m = evaluate(body, case, fit, perception, truth)
+    assert m["mpjpe_mm"] <= 60.0, m
+    assert m["iou"] >= 0.85, m
+    assert m["kp_err_px"] < 0.02 * max(case.size), m
+    # The fit's own metric is the same measurement.
+    assert abs(fit.metrics["silhouette_iou"] - m["iou"]) < 0.02
+
+
+def test_walking_fit_is_accurate(anny_body, walking_fit):
+    _check_accuracy(anny_body, *walking_fit)
+
+
+@pytest.mark.parametrize("name", ["arms_raised", "landscape"])
+def test_fit_is_accurate(anny_body, name):
+    case = CASES[name]
+    perception, truth = make_case(anny_body, case)
+    fit = fit_body(perception, anny_body, focal_px=case.focal_px, seed=case.seed)
+    _check_accuracy(anny_body, case, perception, truth, fit)
+    assert fit.camera.width == case.size[0] and fit.camera.height == case.size[1]
+    if case.focal_px is not None:
+        assert fit.camera.K[0, 0] == pytest.approx(case.focal_px)
+
+
+def test_fit_json_round_trip(anny_body, walking_fit, tmp_path):
+    _, _, _, fit = walking_fit
+    path = tmp_path / "fit.json"
+    fit.save(path)
+    data = json.loads(path.read_text())
+    for key in ("body", "params", "camera", "keypoints3d_cam", "keypoints2d", "keypoint_names", "metrics"):
+        assert key in data
+    assert data["body"] == "anny" and data["camera"]["convention"] == "opencv"
+    assert len(data["keypoints3d_cam"]) == 17 and len(data["keypoints2d"]) == 17
+    back = BodyFit.load(path)
+    for k in ("pose", "shape", "global_orient", "transl"):
+        assert torch.allclose(getattr(back.params, k), getattr(fit.params, k), atol=1e-6)
+    assert np.allclose(back.camera.K, fit.camera.K) and np.allclose(back.camera.world_to_cam, fit.camera.world_to_cam)
+    assert np.allclose(back.camera.R, FRONT_VIEW_R)  # fixed rotation, the body carries the view angle
+    # The saved keypoints are those of the saved body seen by the saved camera.
+    with torch.no_grad():
+        kp_world = anny_body.forward(back.params).keypoints[0].double().numpy()
+    assert np.allclose(back.camera.to_cam(kp_world), back.keypoints3d_cam, atol=1e-4)
+    assert np.allclose(back.camera.project(kp_world), back.keypoints2d, atol=1e-2)
+    assert (back.keypoints3d_cam[:, 2] > 0).all()
+    assert back.metrics == json.loads(json.dumps(fit.metrics))
+
+
+def test_damaged_fit_json_is_a_clear_error(tmp_path):
+    bad = tmp_path / "fit.json"
+    bad.write_text('{"format": "zeroavatar.fit", "version": 1, "body": "anny"}')
+    with pytest.raises(BadInputError, match="damaged"):
+        BodyFit.load(bad)
+    bad.write_text("not json")
+    with pytest.raises(BadInputError, match="unreadable"):
+        BodyFit.load(bad)
+    with pytest.raises(BadInputError, match="no body fit"):
+        BodyFit.load(tmp_path / "missing.json")
+
+
+def _body_frame_joints(body, fit) -> np.ndarray:
+    """COCO keypoints in the body's own frame (global rotation undone): Z up, facing -Y."""
+    with torch.no_grad():
+        p = dataclasses.replace(fit.params, global_orient=torch.zeros_like(fit.params.global_orient))
+        return body.forward(p).keypoints[0].double().numpy()
+
+
+def test_half_body_legs_hang_straight_down(anny_body):
+    perception, truth = make_case(anny_body, HALF_BODY)
+    assert (perception.confidence[13:] == 0).all()  # knees and ankles are off the photo
+    fit = fit_body(perception, anny_body, seed=HALF_BODY.seed)
+    kp = _body_frame_joints(anny_body, fit)
+    for hip, knee, ankle in ((11, 13, 15), (12, 14, 16)):
+        thigh, shin = kp[knee] - kp[hip], kp[ankle] - kp[knee]
+        assert kp[ankle, 2] < kp[knee, 2] < kp[hip, 2] - 0.25
+        # Nearly vertical and nearly straight: standing, not kneeling or kicking.
+        assert thigh[2] / np.linalg.norm(thigh) < -0.94 and shin[2] / np.linalg.norm(shin) < -0.94
+        assert abs(kp[ankle, 0] - kp[hip, 0]) < 0.15 and abs(kp[ankle, 1] - kp[hip, 1]) < 0.15
+    # The visible upper body still fits.
+    seen = perception.confidence > 0
+    assert np.linalg.norm(fit.keypoints2d - truth.keypoints2d, axis=1)[seen].mean() < 8.0
+    assert fit.metrics["silhouette_iou"] > 0.85
+
+
+def test_swapped_left_right_labels_still_face_the_camera(anny_body):
+    """A detector that swaps every left/right label would turn the body around; a visible face
+    says the person faces the camera, so the fit swaps the labels back."""
+    case = CASES["standing"]
+    perception, _ = make_case(anny_body, case)
+    mirror = list(COCO17_MIRROR)
+    swapped = dataclasses.replace(perception, keypoints=perception.keypoints[mirror],
+                                  confidence=perception.confidence[mirror])
+    fit = fit_body(swapped, anny_body, iterations=8)
+    assert fit.metrics["left_right_swapped"] is True
+    R = rotvec_to_matrix(fit.params.global_orient)[0]
+    assert R[1, 1] > 0.7  # the body's front (-Y) still points at the camera (looking along +Y)
+
+
+def test_knee_and_elbow_limits_follow_anatomy(anny_body):
+    """The prior's flexion axes bend knees backward and elbows forward on the real body."""
+    prior = P.body_prior(anny_body)
+    lim = prior.limits
+    names = [anny_body.bone_names[b] for b in lim.bones.tolist()]
+    zero = anny_body.zero_params()
+    assert float(P.limit_loss(zero.pose, lim)) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        rest = anny_body.forward(zero).keypoints[0]
+        for bone, child, forward in (("lowerleg01.L", 15, False), ("lowerleg01.R", 16, False),
+                                     ("lowerarm01.L", 9, True), ("lowerarm01.R", 10, True)):
+            i = names.index(bone)
+            p = anny_body.zero_params()
+            p.pose[0, lim.bones[i]] = 0.6 * lim.flex_axis[i]
+            moved = anny_body.forward(p).keypoints[0, child] - rest[child]
+            assert (moved[1] < -0.05) if forward else (moved[1] > 0.05), (bone, moved)
+            assert float(P.limit_loss(p.pose, lim)) == pytest.approx(0.0, abs=1e-6)
+            p.pose[0, lim.bones[i]] = -1.0 * lim.flex_axis[i]  # hyperextended
+            assert float(P.limit_loss(p.pose, lim)) > 0.1
+
+
+def test_shape_prior_uses_the_models_own_default(anny_body):
+    prior = P.body_prior(anny_body)
+    assert torch.allclose(prior.shape_mean, anny_body.default_shape(1)[0])
+    assert (prior.shape_std > 0).all()
+    # Values that rescale the whole body (a photo cannot see absolute size) are held tighter.
+    assert prior.shape_std[anny_body.shape_names.index("height")] < prior.shape_std[anny_body.shape_names.index("weight")]
+
+
+def test_progress_and_cancel(anny_body):
+    perception, _ = make_case(anny_body, CASES["standing"])
+    steps = []
+    fit = fit_body(perception, anny_body, iterations=6, on_progress=lambda s, n, loss: steps.append((s, n, loss)))
+    assert [s for s, _, _ in steps] == list(range(1, 7)) and all(n == 6 for _, n, _ in steps)
+    assert all(np.isfinite(loss) for _, _, loss in steps)
+    assert fit.metrics["iterations"] == 6
+
+    calls = []
+
+    def cancel() -> None:
+        calls.append(1)
+        if len(calls) > 3:
+            raise CancelledError("cancelled")
+
+    with pytest.raises(CancelledError):
+        fit_body(perception, anny_body, iterations=50, check_cancel=cancel)
+    assert len(calls) == 4
+
+
+def test_bad_perception_is_a_clear_error(anny_body):
+    perception, _ = make_case(anny_body, CASES["standing"])
+    nobody = dataclasses.replace(perception, confidence=np.zeros(17, np.float32))
+    with pytest.raises(NoPersonError, match="too little of the person"):
+        fit_body(nobody, anny_body)
+    with pytest.raises(BadInputError, match="17 COCO keypoints"):
+        fit_body(dataclasses.replace(perception, keypoints=perception.keypoints[:12]), anny_body)
+    with pytest.raises(BadInputError, match="mask"):
+        fit_body(dataclasses.replace(perception, mask=np.zeros(5, np.float32)), anny_body)
