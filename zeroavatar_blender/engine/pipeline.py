@@ -180,7 +180,7 @@ def stage_fit_preview(job: Job, settings: JobSettings) -> None:
 
     job.stage("preview", "Texturing the fitted body for the preview")
     folder = build_fit_preview(job, settings)
-    job.emit("result", path=job.rel(folder), kind="fit_body")
+    job.emit("result", path=job.rel(folder), bundle="fit_body")
 
 
 def resume_steps(job: Job, settings: JobSettings) -> list:

@@ -156,7 +156,7 @@ def test_occupancy_skipping_gives_the_same_image_with_fewer_evaluations():
     rays, _ = front_camera_rays(24)
     full = render_dense(ball, rays, BOX, n_samples=128)
     occ = DenseOccupancy(BOX, resolution=32)
-    fraction = occ.update(ball.density, threshold=0.01)
+    fraction = occ.update(ball.density, threshold=0.01, rounds=4)
     assert 0.02 < fraction < 0.3
     fast = render_dense(ball, rays, BOX, n_samples=128, occupancy=occ)
     assert fast.n_samples < full.n_samples / 3

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field as dataclass_field
 
 import numpy as np
 import torch
@@ -266,7 +266,7 @@ def log_density_loss(pred: torch.Tensor, target: torch.Tensor, floor: float) -> 
     return (torch.log(pred + floor) - torch.log(target + floor)).square().mean()
 
 
-def sample_prior_points(prior: BodyPrior, aabb: torch.Tensor, n: int, surface_points: torch.Tensor,
+def sample_prior_points(aabb: torch.Tensor, n: int, surface_points: torch.Tensor,
                         surface_fraction: float, surface_noise: float, generator: torch.Generator) -> torch.Tensor:
     """Training points: uniform in the box plus jittered body-surface points, where the level set
     is decided. -> (n, 3) on aabb's device."""
@@ -295,14 +295,14 @@ class DistillConfig:
 class DistillReport:
     steps: int
     seconds: float
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = dataclass_field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
         return self.losses[-1] if self.losses else float("nan")
 
 
-def distill_body_prior(field_: NeRFField, prior: BodyPrior, surface_points: torch.Tensor | np.ndarray,
+def distill_body_prior(field: NeRFField, prior: BodyPrior, surface_points: torch.Tensor | np.ndarray,
                        config: DistillConfig | None = None) -> DistillReport:
     """Fit the field's learned density (not the prior hook) to the body's, in place.
 
@@ -311,39 +311,39 @@ def distill_body_prior(field_: NeRFField, prior: BodyPrior, surface_points: torc
     head is left for the optimiser.
     """
     config = config or DistillConfig()
-    device = field_.aabb.device
+    device = field.aabb.device
     gen = torch.Generator().manual_seed(config.seed)
     surface = torch.as_tensor(np.asarray(surface_points, dtype=np.float32) if isinstance(surface_points, np.ndarray)
                               else surface_points.detach().float().cpu())
-    params = list(field_.encoding.parameters()) + list(field_.density_mlp.parameters())
+    params = list(field.encoding.parameters()) + list(field.density_mlp.parameters())
     opt = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.99), eps=1e-15)
     floor = config.floor_ratio * prior.config.surface_density
     prior = prior.to(device)
     report = DistillReport(steps=config.steps, seconds=0.0)
     start = time.perf_counter()
-    was_training = field_.training
-    field_.train()
+    was_training = field.training
+    field.train()
     for _ in range(config.steps):
-        x = sample_prior_points(prior, field_.aabb, config.batch_size, surface, config.surface_fraction,
+        x = sample_prior_points(field.aabb, config.batch_size, surface, config.surface_fraction,
                                 config.surface_noise, gen)
         with torch.no_grad():
             target = prior.density(x)
-        loss = log_density_loss(field_.field_density(x), target, floor)
+        loss = log_density_loss(field.field_density(x), target, floor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         report.losses.append(float(loss.detach()))
-    field_.train(was_training)
+    field.train(was_training)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def prior_loss(field_: NeRFField, prior: BodyPrior, x: torch.Tensor, floor_ratio: float = 1e-2) -> torch.Tensor:
+def prior_loss(field: NeRFField, prior: BodyPrior, x: torch.Tensor, floor_ratio: float = 1e-3) -> torch.Tensor:
     """The body-prior regulariser for the optimisation loop: the distillation loss at points x
     (e.g. the render's sample points or fresh uniform ones). Multiply by ``FadingWeight(step)``."""
     with torch.no_grad():
         target = prior.density(x)
-    return log_density_loss(field_.field_density(x), target, floor_ratio * prior.config.surface_density)
+    return log_density_loss(field.field_density(x), target, floor_ratio * prior.config.surface_density)
 
 
 @dataclass

@@ -21,8 +21,6 @@ import torch
 from torch import nn
 
 _PRIMES = (1, 2654435761, 805459861)
-# The 8 corners of a cell as (8, 3) 0/1 offsets.
-_CORNERS = torch.tensor([[(i >> 0) & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)], dtype=torch.int64)
 
 
 @dataclass
@@ -79,8 +77,8 @@ def level_table_sizes(config: HashGridConfig) -> list[int]:
 def spatial_hash(coords: torch.Tensor) -> torch.Tensor:
     """Instant-NGP's hash of integer grid coordinates. (..., 3) int64 -> (...,) int64 (>= 0).
 
-    Products stay below 2^43 for coordinates below 2^11, so int64 never overflows; the low bits
-    equal tiny-cuda-nn's uint32 arithmetic, so ``mod T`` (T a power of two) agrees with it.
+    Products of coordinates below 2^20 with the primes fit int64; their low bits equal
+    tiny-cuda-nn's uint32 arithmetic, so ``mod T`` (T a power of two) agrees with it.
     """
     h = coords[..., 0] * _PRIMES[0]
     h = torch.bitwise_xor(h, coords[..., 1] * _PRIMES[1])
@@ -88,8 +86,8 @@ def spatial_hash(coords: torch.Tensor) -> torch.Tensor:
 
 
 def _outer3(a: torch.Tensor, op: str) -> torch.Tensor:
-    """Combine per-axis corner terms into the 8 corners. (..., 3, 2) -> (..., 8), corner
-    i = (i & 1, (i >> 1) & 1, (i >> 2) & 1) as in _CORNERS."""
+    """Combine per-axis terms of the lower/upper corner into the 8 corners. (..., 3, 2) -> (..., 8);
+    corner i has offsets (i & 1, (i >> 1) & 1, (i >> 2) & 1) along (x, y, z)."""
     x, y, z = a[..., 0, :], a[..., 1, :], a[..., 2, :]
     x, y, z = x[..., None, None, :], y[..., None, :, None], z[..., :, None, None]
     if op == "xor":
@@ -125,7 +123,8 @@ def hashed_rows(base: torch.Tensor, table_sizes: torch.Tensor) -> torch.Tensor:
 
 def corner_indices(corners: torch.Tensor, resolutions: torch.Tensor, table_sizes: torch.Tensor,
                    offsets: torch.Tensor, hashed: torch.Tensor) -> torch.Tensor:
-    """Reference (per-corner) version of ``corner_rows`` for explicit corners, used in tests.
+    """Reference (per-corner) version of ``dense_rows``/``hashed_rows`` plus level offsets, for
+    explicit corners; the tests check the factored versions against it.
 
     corners (N, L, 8, 3) int64 -> (N, L, 8) int64 row indices into the stacked tables.
     """

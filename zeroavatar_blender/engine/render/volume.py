@@ -16,7 +16,7 @@ weight-accumulated normals, composited over a background colour.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import Literal
 
 import nerfacc
@@ -114,30 +114,38 @@ def stratified_intervals(t_near: torch.Tensor, t_far: torch.Tensor, n_samples: i
 class DenseOccupancy:
     """A torch-only occupancy grid for the CPU path: which cells of the box can hold density.
 
-    ``update`` evaluates the density at jittered points in each cell (no gradient) and keeps cells
-    above ``threshold`` plus their neighbours, so thin or moving surfaces are not clipped.
+    Like nerfacc's grid: each ``update`` evaluates the density at one jittered point per cell
+    (no gradient) and keeps a decaying maximum per cell, so coverage builds up over updates while
+    cells the field has emptied fade out. Cells above ``threshold`` plus their neighbours are
+    marched; the others are skipped (density 0), which spares most of the box around a body.
     """
 
-    def __init__(self, aabb: torch.Tensor, resolution: int = 64) -> None:
+    def __init__(self, aabb: torch.Tensor, resolution: int = 64, decay: float = 0.95) -> None:
         self.aabb = aabb
         self.resolution = resolution
+        self.decay = decay
+        self.values: torch.Tensor | None = None  # (R^3,) decayed max density per cell; None: unknown
         self.mask = torch.ones(resolution, resolution, resolution, dtype=torch.bool, device=aabb.device)
 
+    def reset(self) -> None:
+        self.values = None
+        self.mask = torch.ones_like(self.mask)
+
     @torch.no_grad()
-    def update(self, density_fn, threshold: float = 0.01, samples_per_cell: int = 2,
-               chunk: int = 1 << 18, generator: torch.Generator | None = None) -> float:
-        """Refresh the mask; returns the occupied fraction. ``threshold`` is in density (1/m)."""
+    def update(self, density_fn, threshold: float, *, rounds: int = 1, chunk: int = 1 << 18,
+               generator: torch.Generator | None = None) -> float:
+        """Refresh the mask with ``rounds`` jittered points per cell; returns the occupied fraction.
+        ``threshold`` is a density (1/m)."""
         r = self.resolution
         idx = torch.stack(torch.meshgrid(*(torch.arange(r, device=self.aabb.device),) * 3, indexing="ij"), -1)
         idx = idx.reshape(-1, 3).float()
         cell = (self.aabb[1] - self.aabb[0]) / r
-        best = torch.zeros(r ** 3, device=self.aabb.device)
-        for _ in range(samples_per_cell):
+        for _ in range(rounds):
             jitter = torch.rand(idx.shape, generator=generator).to(idx)
             pts = self.aabb[0] + (idx + jitter) * cell
-            for i in range(0, len(pts), chunk):
-                best[i:i + chunk] = torch.maximum(best[i:i + chunk], density_fn(pts[i:i + chunk]))
-        occ = (best > threshold).reshape(1, 1, r, r, r).float()
+            density = torch.cat([density_fn(pts[i:i + chunk]) for i in range(0, len(pts), chunk)]).float()
+            self.values = density if self.values is None else torch.maximum(self.values * self.decay, density)
+        occ = (self.values > threshold).reshape(1, 1, r, r, r).float()  # type: ignore[operator]
         self.mask = torch.nn.functional.max_pool3d(occ, 3, stride=1, padding=1)[0, 0] > 0
         return float(self.mask.float().mean())
 
@@ -301,18 +309,19 @@ class OccupancyGridRenderer:
 @dataclass
 class VolumeRendererConfig:
     n_samples: int = 128  # CPU path: samples per ray inside the box
-    chunk_rays: int = 4096  # rays per field call (memory: chunk_rays * n_samples points)
+    chunk_rays: int = 4096  # rays per field call (memory: chunk_rays * n_samples points on the CPU path)
     near: float = 0.0
     use_occupancy_grid: bool = True  # CUDA: nerfacc's grid; CPU: DenseOccupancy skipping
     cpu_occupancy_resolution: int = 64
-    occupancy: OccupancyGridConfig | None = None
+    occupancy: OccupancyGridConfig = dataclass_field(default_factory=OccupancyGridConfig)  # both paths
 
 
 class VolumeRenderer:
     """Renders any RadianceField in a box on the CPU or CUDA path, in ray chunks.
 
-    The optimiser calls ``update(field, step)`` once per step (keeps the skipping grids in sync
-    with the changing density) and ``render(field, rays, ...)`` for each view.
+    The path follows the box's device. The optimiser calls ``fill(field)`` once (after the body
+    distillation), ``update(field, step)`` every step (keeps the skipping grid in sync with the
+    changing density; it refreshes every ``occupancy.update_every`` steps) and ``render`` per view.
     """
 
     def __init__(self, aabb: torch.Tensor, config: VolumeRendererConfig | None = None) -> None:
@@ -324,31 +333,34 @@ class VolumeRenderer:
         if aabb.device.type == "cuda" and c.use_occupancy_grid:
             self.grid = OccupancyGridRenderer(aabb, c.occupancy)
         elif c.use_occupancy_grid:
-            self.cpu_grid = DenseOccupancy(aabb, c.cpu_occupancy_resolution)
+            self.cpu_grid = DenseOccupancy(aabb, c.cpu_occupancy_resolution, c.occupancy.ema_decay)
 
     @property
     def backend(self) -> str:
         return "occupancy_grid" if self.grid is not None else "dense"
 
+    def _cpu_threshold(self) -> float:
+        """The CUDA grid's rule in density units: skip cells whose opacity over one sample step is
+        below ``occ_threshold``."""
+        step_len = float((self.aabb[1] - self.aabb[0]).norm()) / self.config.n_samples
+        return self.config.occupancy.occ_threshold / step_len
+
     @torch.no_grad()
-    def update(self, field: RadianceField, step: int, *, every: int = 16, threshold: float | None = None) -> None:
+    def update(self, field: RadianceField, step: int) -> None:
         """Refresh the skipping grid from the field's current density (call once per step)."""
         if self.grid is not None:
             self.grid.update(field, step)
-        elif self.cpu_grid is not None and step % every == 0:
-            if threshold is None:
-                # The same rule as the CUDA grid: skip cells whose opacity over one sample step is tiny.
-                step_len = float((self.aabb[1] - self.aabb[0]).norm()) / self.config.n_samples
-                threshold = 0.01 / step_len
-            self.cpu_grid.update(field.density, threshold)
+        elif self.cpu_grid is not None and step % self.config.occupancy.update_every == 0:
+            self.cpu_grid.update(field.density, self._cpu_threshold())
 
     @torch.no_grad()
-    def fill(self, field: RadianceField) -> None:
-        """Build the skipping grid for a fixed field (e.g. right after the body distillation)."""
+    def fill(self, field: RadianceField, rounds: int = 4) -> None:
+        """Build the skipping grid from scratch for the field as it is now."""
         if self.grid is not None:
-            self.grid.fill(field)
-        else:
-            self.update(field, 0)
+            self.grid.fill(field, rounds)
+        elif self.cpu_grid is not None:
+            self.cpu_grid.reset()
+            self.cpu_grid.update(field.density, self._cpu_threshold(), rounds=rounds)
 
     def render(self, field: RadianceField, rays: RayBundle, *, jitter: bool = False,
                background: torch.Tensor | None = None, with_normals: bool = False,
