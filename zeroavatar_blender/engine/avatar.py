@@ -357,7 +357,7 @@ def assemble_avatar(body: BodyModel, params: BodyParams, rest_vertices: np.ndarr
     bone_posed_world = out.bone_posed[0].double().cpu().numpy()
     posed_world = out.vertices[0].double().cpu().numpy()
 
-    lift = np.array([0.0, 0.0, -min(body_rest[:, 2].min(), np.asarray(rest_vertices)[:, 2].min())])
+    lift = np.array([0.0, 0.0, -float(np.asarray(rest_vertices)[:, 2].min())])
     vertices = (np.asarray(rest_vertices, np.float64) + lift).astype(np.float32)
     bone_rest = (_translation(lift) @ bone_rest_world).astype(np.float32)
     offset = posed_frame_offset(bone_rest_world, bone_posed_world, posed_world)

@@ -101,6 +101,21 @@ def _settings_from_args(args: argparse.Namespace, settings: JobSettings) -> JobS
     return settings
 
 
+def _resources() -> dict[str, float]:
+    """Peak memory of this engine process (and of the GPU when one was used), for benchmarks."""
+    out: dict[str, float] = {}
+    try:
+        import resource
+
+        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    except (ImportError, OSError):
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from . import pipeline
     from .progress import TerminalProgress
@@ -152,10 +167,12 @@ def run(args: argparse.Namespace) -> int:
         for step in steps:
             job.check_cancel()
             step()
+        job.emit("done", status="ok", code=protocol.EXIT_OK, **_resources())
+        return protocol.EXIT_OK
     except EngineError as exc:
         status = "cancelled" if exc.code == protocol.EXIT_CANCELLED else "failed"
         job.emit("error", code=exc.code, message=exc.message, hint=exc.hint)
-        job.emit("done", status=status, code=exc.code)
+        job.emit("done", status=status, code=exc.code, **_resources())
         return exc.code
     except KeyboardInterrupt:
         job.emit("done", status="cancelled", code=protocol.EXIT_CANCELLED)
@@ -179,8 +196,6 @@ def run(args: argparse.Namespace) -> int:
         return protocol.EXIT_FAILED
     finally:
         job.close()
-    job.emit("done", status="ok", code=protocol.EXIT_OK)
-    return protocol.EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

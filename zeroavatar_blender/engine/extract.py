@@ -112,7 +112,8 @@ def extract_mesh(field: RadianceField, *, resolution: int = 256, threshold: floa
                  aabb: torch.Tensor | None = None, with_colors: bool = True, chunk: int = 1 << 18) -> MeshData:
     """Marching cubes of the field's density at ``threshold`` (default: the field's
     ``config.surface_density``) on a grid with ``resolution`` cubic cells along the longest side
-    of ``aabb`` (default: the field's box), with vertex colours from the field."""
+    of ``aabb`` (default: the field's box), with vertex colours from the field. An attached
+    density prior counts at its current weight (set it to 0 before the final extraction)."""
     if threshold is None:
         config = getattr(field, "config", None)
         if config is None or not hasattr(config, "surface_density"):

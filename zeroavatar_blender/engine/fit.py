@@ -137,6 +137,7 @@ class FitConfig:
     w_cover: float = 1.0
     sigma_sil: float = 0.1
     vertex_subset: int = 1200
+    full_optimizer: str = "lbfgs"  # or "adam"
     tie_margin: float = 0.25  # carry a second start when its rigid loss is within this ratio
 
 
@@ -460,26 +461,48 @@ def _fit_full(body: BodyModel, prior: P.BodyPrior, t: _Target, sil: L.Silhouette
     subset = _vertex_subset(body, cfg.vertex_subset)
     kp_t, conf_t = t.kp[label:label + 1], t.conf[label:label + 1]
     margin = _subset_spacing_px(body, prior, subset, t)
-    groups = [{"params": [var.pose], "lr": cfg.lr_pose * 0.5}, {"params": [var.orient], "lr": cfg.lr_orient * 0.5},
-              {"params": [var.transl], "lr": cfg.lr_transl * 0.5}, {"params": [var.shape_z], "lr": cfg.lr_shape}]
-    opt = torch.optim.Adam(groups)
-    base = [g["lr"] for g in groups]
     W2C = _world_to_cam(t.R)
-    for i in range(cfg.full_iterations):
-        _schedule(opt, base, i, cfg.full_iterations)
+
+    def objective() -> torch.Tensor:
         params = var.params()
         out = body.forward(params)
         uv, _ = project_torch(out.keypoints, t.K, W2C)
         vuv, _ = project_torch(out.vertices[:, subset], t.K, W2C)
-        loss = (L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp)
+        return (L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp)
                 + cfg.w_outside * L.outside_loss(vuv, sil, t.scale_px, cfg.sigma_sil)
                 + cfg.w_cover * L.coverage_loss(vuv, sil, t.scale_px, margin, cfg.sigma_sil)
-                + _prior_terms(params, prior, cfg))
+                + _prior_terms(params, prior, cfg)).sum()
+
+    if cfg.full_optimizer == "lbfgs":
+        # Quasi-Newton: the depth-ambiguous directions (limb swing toward the camera, turn, size)
+        # are long flat valleys that first-order steps crawl along.
+        tensors = [var.pose, var.orient, var.transl, var.shape_z]
+        opt = torch.optim.LBFGS(tensors, lr=1.0, max_iter=cfg.full_iterations, max_eval=cfg.full_iterations,
+                                history_size=20, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = objective()
+            loss.backward()
+            tick(float(loss.detach()))
+            return loss
+
+        opt.step(closure)
+        var.clamp_shape()
+        return var
+    groups = [{"params": [var.pose], "lr": cfg.lr_pose * 0.5}, {"params": [var.orient], "lr": cfg.lr_orient * 0.5},
+              {"params": [var.transl], "lr": cfg.lr_transl * 0.5}, {"params": [var.shape_z], "lr": cfg.lr_shape}]
+    opt = torch.optim.Adam(groups)
+    base = [g["lr"] for g in groups]
+    for i in range(cfg.full_iterations):
+        _schedule(opt, base, i, cfg.full_iterations)
+        loss = objective()
         opt.zero_grad()
-        loss.sum().backward()
+        loss.backward()
         opt.step()
         var.clamp_shape()
-        tick(float(loss.detach().min()))
+        tick(float(loss.detach()))
     return var
 
 

@@ -206,7 +206,7 @@ def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, 
     scale = config.ref_resolution / max(photo.rgb.shape[:2])
     ref_cam = work_cam.scaled(scale)
     H, W = ref_cam.height, ref_cam.width
-    rgb = torch.from_numpy(photo.rgb).permute(2, 0, 1)[None].float() / 255
+    rgb = torch.from_numpy(np.array(photo.rgb)).permute(2, 0, 1)[None].float() / 255
     ref_rgb = F.interpolate(rgb, size=(H, W), mode="area")[0].permute(1, 2, 0)
     pmask = perception.mask if perception.mask is not None else np.ones(photo.rgb.shape[:2], np.float32)
     ref_mask = F.interpolate(torch.from_numpy(np.asarray(pmask, np.float32))[None, None], size=(H, W), mode="area")[0, 0]
@@ -311,13 +311,15 @@ class Optimiser:
 
     # state ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        grid = self.renderer.cpu_grid.mask if self.renderer.cpu_grid is not None else None
+        grid = self.renderer.cpu_grid
         state = {"step": self.step, "field": self.field.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "config": json.dumps(dataclasses.asdict(self.config), default=str),
                  "fingerprint": self.config.fingerprint(), "aabb": self.aabb.cpu(),
                  "history": json.dumps(self.history[-2000:])}
-        if grid is not None:
-            state["cpu_grid"] = grid.cpu()
+        if grid is not None:  # the skipping grid's whole state, so a resume marches identically
+            state["cpu_grid"] = grid.mask.cpu()
+            if grid.values is not None:
+                state["cpu_grid_values"] = grid.values.cpu()
         if self.renderer.grid is not None:
             state["cuda_grid"] = {k: v.cpu() for k, v in self.renderer.grid.estimator.state_dict().items()}
         return state
@@ -330,8 +332,14 @@ class Optimiser:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
         self.history = json.loads(ckpt.get("history", "[]"))
-        if "cpu_grid" in ckpt and self.renderer.cpu_grid is not None:
-            self.renderer.cpu_grid.mask = ckpt["cpu_grid"].to(self.problem.device)
+        grid = self.renderer.cpu_grid
+        if grid is not None:
+            if "cpu_grid" in ckpt:
+                grid.mask = ckpt["cpu_grid"].to(self.problem.device)
+                values = ckpt.get("cpu_grid_values")
+                grid.values = None if values is None else values.to(self.problem.device)
+            else:
+                self.renderer.fill(self.field)
         if "cuda_grid" in ckpt and self.renderer.grid is not None:
             self.renderer.grid.estimator.load_state_dict({k: v.to(self.problem.device) for k, v in ckpt["cuda_grid"].items()})
 
@@ -473,6 +481,12 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
 
     device = resolve_device(settings.device)
     config = OptimiseConfig.for_quality(settings.quality, device, settings.steps, settings.seed)
+    overrides = settings.extra.get("optimise_overrides") or {}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(OptimiseConfig)}
+    if unknown:
+        raise BadInputError(f"unknown optimisation settings: {', '.join(sorted(unknown))}",
+                            "see OptimiseConfig in zeroavatar_blender/engine/optimise.py")
+    config = dataclasses.replace(config, **overrides)
     guidance = prompts = None
     if settings.quality == "full":
         guidance, prompts = _check_full_quality(job, settings, device)

@@ -72,3 +72,14 @@ def test_density_normals_point_outward_on_a_ball():
     field = NeRFField(AABB, SMALL)
     n2 = field.normals(torch.rand(10, 3) * 0.2, create_graph=True)
     assert n2.requires_grad and torch.allclose(n2.norm(dim=-1), torch.ones(10), atol=1e-4)
+
+
+def test_checkpoint_round_trip_with_weights_only_load(tmp_path):
+    field = NeRFField(AABB, SMALL)
+    path = tmp_path / "field.pt"
+    torch.save(field.state_dict(), path)
+    other = NeRFField(AABB * 2, SMALL)  # different box and random init: both come from the file
+    other.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.rand(64, 3) - 0.5
+    assert torch.equal(other.aabb, field.aabb)
+    assert torch.equal(other(x).density, field(x).density) and torch.equal(other(x).rgb, field(x).rgb)

@@ -1,0 +1,208 @@
+"""The optimisation loop on a real fitted job: streaming, checkpoints, cancel, resume, depth switch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from zeroavatar_blender import protocol
+from zeroavatar_blender.engine.errors import CancelledError, MissingModelError, NeedsChoiceError
+from zeroavatar_blender.engine.job import Job
+from zeroavatar_blender.engine.pipeline import JobSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A small field and few pixels: the code paths are the real ones, at a size a test can afford.
+TINY = dict(n_levels=6, log2_hashmap_size=12, max_resolution=128, n_samples=24, ref_resolution=64, ref_rays=256,
+            novel_resolution=24, distill_steps=100, mesh_every=2, mesh_resolution=32, checkpoint_every=3,
+            aabb_padding=0.1)
+
+
+@pytest.fixture(scope="module")
+def fitted_job(tmp_path_factory, anny_body) -> Path:
+    """A job folder after the real `fit` command on a synthetic full-body photo."""
+    from zeroavatar_blender.evaluation.synthetic import default_subjects, make_case, save_case
+
+    root = tmp_path_factory.mktemp("optimise")
+    spec = next(s for s in default_subjects() if s.name == "standing_f")
+    spec.size = 256
+    case = save_case(make_case(anny_body, spec), root / "case")
+    job = root / "job"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "zeroavatar_blender.engine", "fit", str(case / "photo.png"),
+                           "--out", str(job), "--progress", "none"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (job / "fit.json").exists() and (job / "fit_body" / "avatar.json").exists()
+    return job
+
+
+def copy_job(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("engine.lock"))
+    return dst
+
+
+def settings_for(job: Job, steps: int, quality: str = "standard", **overrides) -> JobSettings:
+    settings = JobSettings.load(job)
+    settings.quality, settings.steps, settings.device = quality, steps, "cpu"
+    settings.extra["optimise_overrides"] = {**TINY, **overrides}
+    return settings
+
+
+def run(job_dir: Path, steps: int, *, resume: bool = False, cancel_at: int | None = None, **overrides) -> Job:
+    from zeroavatar_blender.engine.optimise import run_optimisation
+
+    job = Job(job_dir).open()
+    try:
+        if cancel_at is not None:
+            def hook(event: dict) -> None:
+                if event["type"] == "progress" and event["step"] == cancel_at:
+                    protocol.append_jsonl(job.layout.commands, protocol.make_command("cancel"))
+            job.progress_hook = hook
+        run_optimisation(job, settings_for(job, steps, **overrides), resume=resume)
+    finally:
+        job.close()
+    return job
+
+
+def field_state(job_dir: Path) -> dict[str, torch.Tensor]:
+    from zeroavatar_blender.engine.optimise import latest_checkpoint
+
+    return latest_checkpoint(Job(job_dir))["field"]
+
+
+def test_streams_meshes_and_checkpoints(fitted_job, tmp_path):
+    job_dir = copy_job(fitted_job, tmp_path / "job")
+    run(job_dir, 12)
+    events = list(protocol.iter_events(job_dir / "events.jsonl"))
+    meshes = [e for e in events if e["type"] == "mesh"]
+    intermediate = [e for e in meshes if e["step"] < 12]
+    assert len(intermediate) >= 5
+    for e in meshes:
+        data = np.load(protocol.resolve_inside(job_dir, e["path"]), allow_pickle=False)
+        assert set(protocol.MESH_ARRAYS) <= set(data.files)
+        assert len(data["vertices"]) > 100 and len(data["faces"]) > 100
+        assert data["colors"].shape == data["vertices"].shape and 0 <= data["colors"].min() <= data["colors"].max() <= 1
+    checkpoints = [e for e in events if e["type"] == "checkpoint"]
+    assert checkpoints and checkpoints[-1]["step"] == 12
+    progress = [e for e in events if e["type"] == "progress" and e["stage"] == "optimise"]
+    assert [e["step"] for e in progress] == list(range(1, 13))
+
+
+def test_cancel_then_resume_equals_uninterrupted(fitted_job, tmp_path):
+    straight = copy_job(fitted_job, tmp_path / "straight")
+    run(straight, 8)
+    interrupted = copy_job(fitted_job, tmp_path / "interrupted")
+    with pytest.raises(CancelledError):
+        run(interrupted, 8, cancel_at=4)
+    from zeroavatar_blender.engine.optimise import latest_checkpoint
+
+    ckpt = latest_checkpoint(Job(interrupted))
+    assert ckpt["step"] in (4, 5)  # takes effect within one step, and leaves a checkpoint
+    run(interrupted, 8, resume=True)
+    a, b = field_state(straight), field_state(interrupted)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(fitted_job, tmp_path):
+    from zeroavatar_blender.engine.optimise import checkpoint_paths, latest_checkpoint
+
+    job_dir = copy_job(fitted_job, tmp_path / "job")
+    run(job_dir, 6)
+    paths = checkpoint_paths(Job(job_dir))
+    assert len(paths) >= 2
+    paths[-1].write_bytes(paths[-1].read_bytes()[:1000])  # half-written
+    bad = []
+    ckpt = latest_checkpoint(Job(job_dir), on_bad=lambda p, e: bad.append(p))
+    assert bad == [paths[-1]] and ckpt["path"] == str(paths[-2])
+
+
+def test_finalise_from_the_field_gives_a_rigged_bundle(fitted_job, tmp_path):
+    from zeroavatar_blender.engine.avatar import AvatarBundle
+    from zeroavatar_blender.engine.finalise import finalise_avatar
+
+    job_dir = copy_job(fitted_job, tmp_path / "job")
+    run(job_dir, 6)
+    job = Job(job_dir).open()
+    try:
+        settings = settings_for(job, 6)
+        settings.texture_size = 512
+        settings.extra["target_faces"] = 6000
+        folder = finalise_avatar(job, settings)
+    finally:
+        job.close()
+    bundle = AvatarBundle.load(folder)
+    assert bundle.meta["quality"] == "standard" and bundle.meta["optimised_steps"] == 6
+    assert 1000 < len(bundle.faces) <= 6000
+    assert np.allclose(bundle.skin_weights.sum(1), 1, atol=1e-5)
+    height = np.ptp(bundle.vertices[:, 2])
+    assert 1.3 < height < 2.1 and abs(bundle.vertices[:, 2].min()) < 1e-4
+    assert (job_dir / "exports" / "avatar_posed.ply").exists()
+
+
+def test_full_quality_on_cpu_asks_for_a_choice(fitted_job, tmp_path):
+    from zeroavatar_blender.engine.optimise import run_optimisation
+
+    job_dir = copy_job(fitted_job, tmp_path / "job")
+    job = Job(job_dir).open()
+    try:
+        with pytest.raises(NeedsChoiceError, match="--quality standard"):
+            run_optimisation(job, settings_for(job, 4, quality="full"))
+    finally:
+        job.close()
+
+
+def test_full_quality_without_weights_names_what_to_get(fitted_job, tmp_path, monkeypatch):
+    from zeroavatar_blender.engine.optimise import run_optimisation
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    job_dir = copy_job(fitted_job, tmp_path / "job")
+    job = Job(job_dir).open()
+    try:
+        settings = settings_for(job, 4, quality="full")
+        settings.extra["allow_slow_full"] = True
+        with pytest.raises(MissingModelError, match="stable-diffusion"):
+            run_optimisation(job, settings)
+    finally:
+        job.close()
+
+
+def test_sds_depth_source_switches_at_the_configured_step(fitted_job, tmp_path):
+    """Full quality with a tiny random-weight SD + ControlNet found through the users' discovery code."""
+    from tests.engine.guidance.tiny_models import build_tiny_components, save_diffusers
+    from zeroavatar_blender.engine import optimise as opt_mod
+
+    sd_dir, cn_dir = save_diffusers(build_tiny_components(), tmp_path / "sd", tmp_path / "cn")
+    job_dir = copy_job(fitted_job, tmp_path / "job")
+    job = Job(job_dir).open()
+    try:
+        settings = settings_for(job, 4, quality="full", depth_switch_step=0.5, sds_resolution=64)
+        settings.sd_weights, settings.controlnet_weights = str(sd_dir), str(cn_dir)
+        settings.extra["allow_slow_full"] = True
+        guidance, prompts = opt_mod._check_full_quality(job, settings, "cpu")
+        guidance.config.resolution = 64
+        config = opt_mod.OptimiseConfig.for_quality("full", "cpu", 4)
+        import dataclasses
+
+        config = dataclasses.replace(config, **TINY, depth_switch_step=0.5)
+        problem, _, _ = opt_mod.build_problem(job, settings, config)
+        opt = opt_mod.Optimiser(job, problem, guidance, prompts)
+        opt.initialise()
+        sources = []
+        for _ in range(4):
+            record = opt.train_step()
+            sources.append(opt.last_depth_source)
+            assert np.isfinite(record["sds"])
+    finally:
+        job.close()
+    assert sources == ["body", "body", "field", "field"]
