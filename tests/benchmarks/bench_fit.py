@@ -83,6 +83,7 @@ CASES: dict[str, Case] = {c.name: c for c in (
          focal_px=620.0, aim=(0.6, 0.0, -0.05), mask_scale=0.5, seed=4),
     Case("close", "standing", {"gender": 0.7, "weight": 0.45}, yaw_deg=-10, distance=2.5, camera_height=0.1,
          size=(480, 640), seed=5),
+    Case("heavy", "walking", {"gender": 0.1, "weight": 0.9, "muscle": 0.3}, yaw_deg=-5, distance=3.2, seed=7),
 )}
 HALF_BODY = Case("half_body", "half_body", {"gender": 0.4}, yaw_deg=-5, distance=1.5, camera_height=0.45,
                  aim=(0.0, 0.0, 0.35), seed=6)

@@ -5,6 +5,7 @@
     optimise JOB                 field optimisation (quality standard/full), reads pose_edit.json
     finalise JOB                 the rigged avatar bundle and its exports
     resume JOB                   continue an interrupted job from its last checkpoint
+    batch PHOTO... --out DIR     many photos in one process (one job folder each, models loaded once)
 
 Exit codes are protocol.EXIT_*; every run appends JSON events to JOB/events.jsonl.
 """
@@ -12,6 +13,7 @@ Exit codes are protocol.EXIT_*; every run appends JSON events to JOB/events.json
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -55,6 +57,8 @@ def _add_optimise_args(p: argparse.ArgumentParser, default_quality: str | None) 
     p.add_argument("--controlnet-weights", default=None, help="depth ControlNet: HF repo id in your cache, folder or .safetensors")
     p.add_argument("--texture-size", type=int, default=None, choices=(512, 1024, 2048, 4096))
     p.add_argument("--allow-slow", action="store_true", help="run quality full without a GPU (hours)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="advanced: override an optimisation setting (see OptimiseConfig), e.g. --set n_samples=96")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue an interrupted job from its last checkpoint")
     p.add_argument("job", type=Path)
     _add_common(p)
+    p = sub.add_parser("batch", help="many photos, one job folder each under --out")
+    p.add_argument("photos", type=Path, nargs="+", help="photos, or folders of photos")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--body", choices=("anny", "smpl", "smplx"), default="anny")
+    p.add_argument("--body-model-path", default=None)
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    _add_optimise_args(p, "fast")
+    p.add_argument("--no-export", action="store_true")
+    _add_common(p)
     return parser
 
 
@@ -98,6 +112,17 @@ def _settings_from_args(args: argparse.Namespace, settings: JobSettings) -> JobS
         settings.export = False
     if getattr(args, "allow_slow", False):
         settings.extra["allow_slow_full"] = True
+    overrides = dict(settings.extra.get("optimise_overrides") or {})
+    for item in getattr(args, "set", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadInputError(f"--set {item!r}: expected KEY=VALUE", "e.g. --set n_samples=96")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    if overrides:
+        settings.extra["optimise_overrides"] = overrides
     return settings
 
 
@@ -198,10 +223,49 @@ def run(args: argparse.Namespace) -> int:
         job.close()
 
 
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """One job per photo, in this process (the body model and detector load once). A photo that
+    fails is reported and the batch goes on; the exit code is the first failure's, or 0."""
+    photos: list[Path] = []
+    for item in args.photos:
+        if item.is_dir():
+            photos += sorted(p for p in item.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+        else:
+            photos.append(item)
+    if not photos:
+        print("error: no photos given (or the folders hold none)", file=sys.stderr)
+        return protocol.EXIT_BAD_INPUT
+    summary, first_failure, used = [], 0, set()
+    for photo in photos:
+        name = subject_name(photo)
+        while name in used:
+            name += "_"
+        used.add(name)
+        job_args = argparse.Namespace(**vars(args))
+        job_args.command, job_args.photo, job_args.out, job_args.person = "generate", photo, args.out / name, None
+        code = run(job_args)
+        summary.append({"photo": str(photo), "job": name, "code": code, "status": protocol.EXIT_MEANINGS.get(code, "?")})
+        first_failure = first_failure or code
+        if code == protocol.EXIT_CANCELLED:
+            break
+    from .job import atomic_write_json
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "batch.json", {"jobs": summary})
+    ok = sum(1 for s in summary if s["code"] == 0)
+    print(f"batch: {ok}/{len(summary)} photos done; summary in {args.out / 'batch.json'}", file=sys.stderr)
+    return first_failure
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    if args.command == "batch":
+        return run_batch(args)
     return run(args)

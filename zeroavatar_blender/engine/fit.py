@@ -123,7 +123,7 @@ class FitConfig:
 
     rigid_iterations: int = 60
     pose_iterations: int = 40  # stage 2: keypoints only
-    full_iterations: int = 70  # stage 3: + shape + silhouette
+    full_iterations: int = 80  # stage 3: + shape + silhouette (L-BFGS evaluations)
     lr_pose: float = 0.05
     lr_orient: float = 0.03
     lr_transl: float = 0.03  # metres
@@ -138,6 +138,7 @@ class FitConfig:
     sigma_sil: float = 0.1
     vertex_subset: int = 1200
     full_optimizer: str = "lbfgs"  # or "adam"
+    pose_refine: int = 0  # of the pose iterations, the last ones by L-BFGS
     tie_margin: float = 0.25  # carry a second start when its rigid loss is within this ratio
 
 
@@ -418,15 +419,32 @@ def _fit_pose(body: BodyModel, prior: P.BodyPrior, t: _Target, starts: _Starts, 
     opt = torch.optim.Adam(groups)
     base = [g["lr"] for g in groups]
     W2C = _world_to_cam(t.R)
-    for i in range(cfg.pose_iterations):
-        _schedule(opt, base, i, cfg.pose_iterations)
+    def objective() -> torch.Tensor:
         params = var.params()
         uv, _ = project_torch(body.forward(params).keypoints, t.K, W2C)
-        loss = L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp) + _prior_terms(params, prior, cfg)
+        return L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp) + _prior_terms(params, prior, cfg)
+
+    n_adam = cfg.pose_iterations - cfg.pose_refine
+    for i in range(n_adam):
+        _schedule(opt, base, i, n_adam)
+        loss = objective()
         opt.zero_grad()
         loss.sum().backward()
         opt.step()
         tick(float(loss.detach().min()))
+    if cfg.pose_refine:
+        lbfgs = torch.optim.LBFGS([var.pose, var.orient, var.transl], lr=1.0, max_iter=cfg.pose_refine,
+                                  max_eval=cfg.pose_refine, history_size=20, tolerance_grad=1e-9,
+                                  tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            lbfgs.zero_grad()
+            loss = objective().sum()
+            loss.backward()
+            tick(float(loss.detach()))
+            return loss
+
+        lbfgs.step(closure)
 
     with torch.no_grad():
         # Per start: each limb from the hypothesis with the lower loss on that limb.

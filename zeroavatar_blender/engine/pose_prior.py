@@ -46,7 +46,7 @@ _DEFAULT_STD = 0.3
 # Anny's phenotypes live in [0, 1] (0.5 the average); people spread about +-0.2 around it.
 _SIZE_SPREAD_M = 0.03  # metres of mean vertex motion one shape standard deviation may cause
 _MODEL_DEFAULTS: dict[str, dict[str, object]] = {
-    "anny": {"shape_std": 0.2, "shape_bounds": (0.0, 1.0)},
+    "anny": {"shape_std": 0.5, "shape_bounds": (0.0, 1.0)},
 }
 
 _FORWARD = (0.0, -1.0, 0.0)  # the subject faces -Y (Blender frame)

@@ -69,18 +69,26 @@ def default_subjects() -> list[SubjectSpec]:
 
 # -- painting ------------------------------------------------------------------------------
 def _palette(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Colours of one outfit. A garment's back is the same fabric as its front (real clothes are
+    cut from one cloth) but carries a different pattern: a solid back with a printed logo behind
+    a striped front, pockets on trousers, so back views test more than a copy of the front."""
     def colour(lo: float, hi: float) -> np.ndarray:
         return rng.uniform(lo, hi, 3)
 
+    def same_fabric(c: np.ndarray) -> np.ndarray:
+        return np.clip(c * rng.uniform(0.9, 1.05) + rng.normal(0, 0.02, 3), 0, 1)
+
     skin_tones = np.array([[0.96, 0.80, 0.69], [0.87, 0.67, 0.52], [0.67, 0.47, 0.34], [0.45, 0.31, 0.22]])
     hair = np.array([[0.10, 0.07, 0.05], [0.35, 0.22, 0.10], [0.75, 0.6, 0.35], [0.5, 0.5, 0.5]])
+    shirt_a, shirt_b = colour(0.3, 0.95), colour(0.05, 0.6)
+    trousers, garment_a = colour(0.05, 0.5), colour(0.4, 1.0)
     return {
         "skin": skin_tones[rng.integers(len(skin_tones))],
         "hair": hair[rng.integers(len(hair))],
-        "shirt_a": colour(0.3, 0.95), "shirt_b": colour(0.05, 0.6), "shirt_back": colour(0.1, 0.9),
+        "shirt_a": shirt_a, "shirt_b": shirt_b, "shirt_back": same_fabric(shirt_a if rng.random() < 0.5 else shirt_b),
         "logo": colour(0.6, 1.0),
-        "trousers": colour(0.05, 0.5), "trousers_back": colour(0.05, 0.5), "shoes": colour(0.02, 0.25),
-        "garment_a": colour(0.4, 1.0), "garment_b": colour(0.0, 0.5), "garment_back": colour(0.1, 0.8),
+        "trousers": trousers, "trousers_back": same_fabric(trousers), "shoes": colour(0.02, 0.25),
+        "garment_a": garment_a, "garment_b": colour(0.0, 0.5), "garment_back": same_fabric(garment_a),
     }
 
 
