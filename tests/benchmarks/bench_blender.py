@@ -2,9 +2,13 @@
 
 Measures (wall seconds, and CPU seconds of this process where the work is in-process):
 build_avatar from an Anny bundle, update_preview_mesh for ~20k and ~50k vertices (new topology
-and positions-only updates), each export preset, and turntable seconds per view with Cycles
-(512 px, 64 samples, denoised; --quick: 256 px, 16 samples) and Workbench. On a shared machine
-wall time includes waiting for the CPU; the CPU column is the steadier number.
+and positions-only updates), each export preset, turntable seconds per view with Cycles
+(512 px, 64 samples, denoised; --quick: 256 px, 16 samples) and Workbench, and the add-on's
+polling callback (``client.poll_all``, Blender's timer) per call while a real subprocess streams
+marching-cubes preview meshes of the engine's default streaming size (at most 40,000 vertices,
+``extract.write_preview_mesh``), with a new topology every mesh as marching cubes gives. The goal
+for one poll_all call is under 20 ms (a dropped frame or so at 60 fps). On a shared machine wall
+time includes waiting for the CPU; the CPU column is the steadier number.
 """
 
 from __future__ import annotations
@@ -106,10 +110,140 @@ def bench_turntable(bundle_dir: Path, out_dir: Path, quick: bool) -> dict[str, A
     return results
 
 
+# A stand-in engine that streams pre-made preview meshes the way the engine does: copy to a temp
+# name, rename into meshes/, append a "mesh" event; progress events in between. Stdlib only.
+STREAMER = r'''
+import json, os, shutil, sys, time
+job, interval, count = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+sources = sys.argv[4:]
+os.makedirs(os.path.join(job, "meshes"), exist_ok=True)
+def emit(kind, **fields):
+    line = json.dumps({"v": 1, "type": kind, "time": time.time(), **fields}) + "\n"
+    fd = os.open(os.path.join(job, "events.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, line.encode())
+    os.close(fd)
+emit("started", pid=os.getpid(), command="optimise", version="bench")
+emit("stage", stage="optimise", message="streaming")
+for step in range(1, count + 1):
+    time.sleep(interval)
+    name = "step_%06d.npz" % step
+    tmp = os.path.join(job, "meshes", "." + name + ".tmp")
+    shutil.copyfile(sources[step % len(sources)], tmp)
+    os.replace(tmp, os.path.join(job, "meshes", name))
+    emit("progress", stage="optimise", step=step, total=count, loss=1.0 / step)
+    emit("mesh", step=step, path="meshes/" + name)
+emit("done", status="ok", code=0)
+'''
+
+
+def streaming_meshes(out_dir: Path, count: int = 6, resolution: int = 256) -> list[tuple[Path, int, int]]:
+    """Preview files as the engine writes them: marching cubes of a blobby body (metaballs on the
+    Anny joints) whose field changes a little each time, so every mesh has its own triangles,
+    decimated by the engine's own writer to its default maximum of 40,000 vertices.
+    -> [(path, vertices, faces)]."""
+    import mcubes
+    import torch
+
+    from zeroavatar_blender.engine.body import load_body
+    from zeroavatar_blender.engine.extract import write_preview_mesh
+
+    body = load_body("anny")
+    with torch.no_grad():
+        out = body.forward(body.zero_params(1))
+    joints = out.bone_posed[0, :, :3, 3].double().numpy()[::2]
+    lo, hi = joints.min(0) - 0.15, joints.max(0) + 0.15
+    cell = float((hi - lo).max()) / resolution
+    axes = [np.arange(lo[a], hi[a] + cell, cell, dtype=np.float32) for a in range(3)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
+    base = np.zeros(grid.shape[:3], np.float32)
+    for j in joints:  # each ball only where it matters
+        box = tuple(slice(max(0, int((j[a] - 0.2 - lo[a]) / cell)), int((j[a] + 0.2 - lo[a]) / cell) + 1) for a in range(3))
+        base[box] += np.exp(-((grid[box] - j) ** 2).sum(-1) / (2 * 0.05 ** 2))
+    paths = []
+    for k in range(count):
+        field = base + 0.08 * np.sin(grid[..., 0] * (20 + k) + grid[..., 2] * 9 + k)
+        v, f = mcubes.marching_cubes(field, 0.5)
+        v = lo + v * cell
+        colors = np.clip(0.5 + 0.5 * np.sin(v * 7.0 + k), 0, 1)
+        path = out_dir / f"stream_{k}.npz"
+        written = write_preview_mesh(path, v, f.astype(np.int64), colors)
+        paths.append((path, written.num_vertices, len(written.faces)))
+    return paths
+
+
+def bench_polling(out_dir: Path, quick: bool) -> dict[str, Any]:
+    """poll_all per call, as Blender's timer calls it (every client.POLL_INTERVAL_S), while a
+    subprocess streams 40k-vertex meshes; calls that applied a mesh are reported separately."""
+    import bpy  # noqa: I001 - bpy first: it puts addon_utils on the path
+
+    import addon_utils
+    from zeroavatar_blender.addon import client, jobs
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meshes = streaming_meshes(out_dir)
+    script = out_dir / "streamer.py"
+    script.write_text(STREAMER)
+    if bpy.context.preferences.addons.get("zeroavatar_blender") is None:
+        addon_utils.enable("zeroavatar_blender", default_set=True)
+    bpy.ops.wm.read_homefile(use_empty=True, use_factory_startup=True)
+    count, interval = (12, 0.3) if quick else (40, 0.3)
+    job = client.launch(bpy.context.scene, "optimise",
+                        [str(script), str(out_dir / "job"), str(interval), str(count), *[str(p) for p, _, _ in meshes]],
+                        out_dir / "job", sys.executable, client.engine_env(jobs.package_parent()), "bench")
+    stages = ("read", "edges", "apply")
+    calls: dict[str, list[float]] = {k: [] for k in ("all", "idle", *stages, *(s + "_cpu" for s in stages))}
+    deadline = time.monotonic() + count * interval + 60
+    while client.ACTIVE and time.monotonic() < deadline:
+        read, applied, pending = job.mesh_applied, job.previews_applied, job.pending_preview
+        w, c = time.perf_counter(), time.process_time()
+        client.poll_all()
+        wall, cpu = time.perf_counter() - w, time.process_time() - c
+        calls["all"].append(wall)
+        done = {"read": job.mesh_applied != read, "apply": job.previews_applied != applied,
+                "edges": job.pending_preview is not None and job.pending_preview is not pending
+                and job.pending_preview.edge_verts is not None}
+        for name in stages:
+            if done[name]:
+                calls[name].append(wall)
+                calls[name + "_cpu"].append(cpu)
+        if not any(done.values()):
+            calls["idle"].append(wall)
+        time.sleep(client.POLL_INTERVAL_S)
+    client.stop_all(timeout=1.0)
+    preview = bpy.context.scene.zeroavatar.preview
+
+    def stats(xs: list[float]) -> dict[str, float]:
+        a = np.asarray(xs) * 1000
+        return {"calls": len(a), "median_ms": float(np.median(a)) if len(a) else float("nan"),
+                "p95_ms": float(np.percentile(a, 95)) if len(a) else float("nan"),
+                "max_ms": float(a.max()) if len(a) else float("nan")}
+
+    return {"mesh_vertices": [v for _, v, _ in meshes], "mesh_faces": [f for _, _, f in meshes],
+            "status": job.client.state.status, "preview_vertices": len(preview.data.vertices) if preview else 0,
+            "previews_applied": job.previews_applied, "meshes_streamed": count,
+            **{name: stats(xs) for name, xs in calls.items()}}
+
+
+def polling_table(result: dict[str, Any]) -> str:
+    rows = [("every call (wall)", result["all"]), ("no mesh work (wall)", result["idle"]),
+            ("1 read + check (wall)", result["read"]), ("1 read + check (CPU)", result["read_cpu"]),
+            ("2 edges (wall)", result["edges"]), ("2 edges (CPU)", result["edges_cpu"]),
+            ("3 write into Blender (wall)", result["apply"]), ("3 write into Blender (CPU)", result["apply_cpu"])]
+    lines = [f"poll_all with streamed meshes of {min(result['mesh_vertices'])}-{max(result['mesh_vertices'])} "
+             f"vertices, {min(result['mesh_faces'])}-{max(result['mesh_faces'])} faces; {result['previews_applied']} of "
+             f"{result['meshes_streamed']} streamed meshes shown (goal: < 20 ms a call)",
+             f"| {'':30} | calls | median ms | p95 ms | max ms |", f"|{'-' * 32}|-------|-----------|--------|--------|"]
+    for name, s in rows:
+        lines.append(f"| {name:30} | {s['calls']:5d} | {s['median_ms']:9.2f} | {s['p95_ms']:6.2f} | {s['max_ms']:6.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--only", choices=("all", "polling"), default="all",
+                        help="polling: only the poll_all measurement (seconds, no renders)")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="zeroavatar-bench-blender-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -117,10 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     from tests.addon.bundle_factory import make_anny_bundle
     from zeroavatar_blender.engine.body import load_body
 
-    bundle_dir = make_anny_bundle(load_body("anny"), out / "bundle" / "result")
-    results = {"scene": bench_scene(bundle_dir, out / "exports"),
-               "turntable": bench_turntable(bundle_dir, out / "turntable", args.quick)}
+    results: dict[str, Any] = {}
+    if args.only == "all":
+        bundle_dir = make_anny_bundle(load_body("anny"), out / "bundle" / "result")
+        results = {"scene": bench_scene(bundle_dir, out / "exports"),
+                   "turntable": bench_turntable(bundle_dir, out / "turntable", args.quick)}
+    results["polling"] = bench_polling(out / "polling", args.quick)
     print(json.dumps(results, indent=1))
+    print(polling_table(results["polling"]))
     return 0
 
 

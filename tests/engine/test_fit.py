@@ -18,7 +18,7 @@ from zeroavatar_blender.engine import pose_prior as P
 from zeroavatar_blender.engine.body.base import COCO17_MIRROR, rotvec_to_matrix
 from zeroavatar_blender.engine.cameras import FRONT_VIEW_R
 from zeroavatar_blender.engine.errors import BadInputError, CancelledError, NoPersonError
-from zeroavatar_blender.engine.fit import BodyFit, fit_body
+from zeroavatar_blender.engine.fit import BodyFit, FitConfig, fit_body
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_knee_and_elbow_limits_follow_anatomy(anny_body):
             moved = anny_body.forward(p).keypoints[0, child] - rest[child]
             assert (moved[1] < -0.05) if forward else (moved[1] > 0.05), (bone, moved)
             assert float(P.limit_loss(p.pose, lim)) == pytest.approx(0.0, abs=1e-6)
-            p.pose[0, lim.bones[i]] = -1.0 * lim.flex_axis[i]  # hyperextended
+            p.pose[0, lim.bones[i]] = -(float(lim.rest_flex[i]) + 0.5) * lim.flex_axis[i]  # hyperextended
             assert float(P.limit_loss(p.pose, lim)) > 0.1
 
 
@@ -152,16 +152,22 @@ def test_shape_prior_uses_the_models_own_default(anny_body):
     assert torch.allclose(prior.shape_mean, anny_body.default_shape(1)[0])
     assert (prior.shape_std > 0).all()
     # Values that rescale the whole body (a photo cannot see absolute size) are held tighter.
-    assert prior.shape_std[anny_body.shape_names.index("height")] < prior.shape_std[anny_body.shape_names.index("weight")]
+    std = dict(zip(anny_body.shape_names, prior.shape_std.tolist()))
+    assert std["height"] < std["weight"] and std["age"] < std["weight"]
 
 
 def test_progress_and_cancel(anny_body):
     perception, _ = make_case(anny_body, CASES["standing"])
     steps = []
     fit = fit_body(perception, anny_body, iterations=6, on_progress=lambda s, n, loss: steps.append((s, n, loss)))
-    assert [s for s, _, _ in steps] == list(range(1, 7)) and all(n == 6 for _, n, _ in steps)
+    done = [s for s, _, _ in steps]
+    assert done[:6] == list(range(1, 7)) and done[-1] == 6 and all(n == 6 for _, n, _ in steps)
     assert all(np.isfinite(loss) for _, _, loss in steps)
-    assert fit.metrics["iterations"] == 6
+    assert fit.metrics["iterations"] == len(steps)
+
+    # The Adam variant of the silhouette stage runs too (the benchmark compares the two).
+    fit = fit_body(perception, anny_body, iterations=6, config=FitConfig(full_optimizer="adam"))
+    assert fit.metrics["iterations"] == 6 and np.isfinite(fit.keypoints2d).all()
 
     calls = []
 

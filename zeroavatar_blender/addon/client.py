@@ -424,8 +424,11 @@ class ActiveJob:
     avatar_name: str
     photo_path: str = ""
     built: bool = False
-    mesh_applied: Path | None = None
-    preview_due: float = 0.0  # time.monotonic() before which no new preview is applied
+    mesh_applied: Path | None = None  # the newest preview file read (applied, or pending)
+    preview_due: float = 0.0  # time.monotonic() before which no new preview is read
+    pending_preview: Any = None  # scene.PreviewMesh being prepared over timer calls (jobs.apply_poll)
+    preview_seconds: float = 0.0  # time spent preparing the pending preview
+    previews_applied: int = 0
 
 
 ACTIVE: dict[str, ActiveJob] = {}  # job folder -> job
@@ -477,10 +480,20 @@ def poll_all() -> float | None:
             _jobs.apply_poll(job, events, state)
         except Exception as exc:  # noqa: BLE001 - a bug here must not take Blender down
             log.exception("ZeroAvatar: applying engine events failed")
+            job.pending_preview, job.mesh_applied = None, job.client.state.mesh_path  # do not retry it
             _fail_job(job, exc)
-        if job.client.state.finished:
+        if job.client.state.finished and not _preview_pending(job):
             ACTIVE.pop(key, None)
     return POLL_INTERVAL_S if ACTIVE else None
+
+
+def _preview_pending(job: ActiveJob) -> bool:
+    try:
+        from . import jobs as _jobs
+
+        return _jobs.preview_pending(job)
+    except Exception:  # noqa: BLE001 - never keep a finished job because of a preview
+        return False
 
 
 def _fail_job(job: ActiveJob, exc: BaseException) -> None:

@@ -162,21 +162,27 @@ def _set(props: Any, name: str, value: Any) -> None:
 
 
 def apply_poll(job: ActiveJob, events: list[dict[str, Any]], state: EngineState) -> None:
-    """What ``poll_all`` does with one job's news: progress, the newest preview mesh, the avatar."""
+    """What ``poll_all`` does with one job's news: progress, the newest preview mesh, the avatar.
+
+    A new preview mesh is spread over three timer calls, so that none holds the UI for long (a
+    40k-vertex mesh costs ~20-30 ms in all): read and check the file, find its edges (numpy),
+    write it into the preview object (bpy). Previews are spaced so they take at most ~5% of the
+    UI's time.
+    """
     scene = find_scene(job)
     if scene is None:  # the scene was deleted: nobody is watching this job
         job.client.stop(timeout=1.0)
         return
     results = [e for e in events if e["type"] == "result" and e.get("_path") is not None]
     if results:
+        job.pending_preview = None
         _build_result(scene, job, results[-1])
-    elif (state.mesh_path is not None and state.mesh_path != job.mesh_applied and not job.built
-          and time.monotonic() >= job.preview_due):
-        started = time.monotonic()
-        _update_preview(scene, job, state.mesh_path)
-        # A big mesh takes tens of ms to replace: keep previews under ~5% of the UI's time.
-        spent = time.monotonic() - started
-        job.preview_due = time.monotonic() + max(PREVIEW_MIN_INTERVAL_S, 20 * spent)
+    elif not job.built:
+        if job.pending_preview is not None:
+            _advance_preview(scene, job)
+        elif state.mesh_path not in (None, job.mesh_applied) and (
+                time.monotonic() >= job.preview_due or state.finished):
+            _read_preview(job, state.mesh_path)
     write_state(job, state)
     if state.finished:
         _finished(scene, job, state)
@@ -184,29 +190,60 @@ def apply_poll(job: ActiveJob, events: list[dict[str, Any]], state: EngineState)
     redraw()
 
 
-def _update_preview(scene: bpy.types.Scene, job: ActiveJob, path: Path) -> None:
+def preview_pending(job: ActiveJob) -> bool:
+    """Whether the newest streamed mesh is not shown yet (poll_all keeps a finished job until it is)."""
+    return not job.built and (job.pending_preview is not None
+                              or job.client.state.mesh_path not in (None, job.mesh_applied))
+
+
+def _read_preview(job: ActiveJob, path: Path) -> None:
+    """Load and check the engine's file (numpy only); ``_advance_preview`` does the rest."""
     from . import scene as scene_ops
 
+    started = time.monotonic()
     job.mesh_applied = path
     try:
         with np.load(path, allow_pickle=False) as z:
-            vertices, faces = np.asarray(z["vertices"]), np.asarray(z["faces"])
             colors = np.asarray(z["colors"]) if "colors" in z.files else None
+            job.pending_preview = scene_ops.prepare_preview_mesh(z["vertices"], z["faces"], colors)
     except Exception as exc:  # noqa: BLE001 - a half-written or bad preview is skipped, not fatal
         log.warning("skipping preview mesh %s: %s", path, exc)
+        job.pending_preview = None
+    job.preview_seconds = time.monotonic() - started
+
+
+def _advance_preview(scene: bpy.types.Scene, job: ActiveJob) -> None:
+    """The next step of a pending preview: its edges (numpy) when the triangles are new, else
+    writing it into the scene's preview object, in place."""
+    from . import scene as scene_ops
+
+    prepared = job.pending_preview
+    started = time.monotonic()
+    preview = scene.zeroavatar.preview
+    if prepared.edge_verts is None and not scene_ops.same_topology(preview, prepared):
+        job.pending_preview = prepared.with_edges()
+        job.preview_seconds += time.monotonic() - started
         return
-    name = scene.zeroavatar.preview.name if scene.zeroavatar.preview else f"{job.avatar_name}_preview"
-    obj = scene_ops.update_preview_mesh(name, vertices, faces, colors, collection=scene.collection)
-    if obj is not None and scene.zeroavatar.preview != obj:
+    job.pending_preview = None
+    name = preview.name if preview is not None else f"{job.avatar_name}_preview"
+    obj = scene_ops.apply_preview_mesh(name, prepared, collection=scene.collection)
+    if preview != obj:
         scene.zeroavatar.preview = obj
+    job.previews_applied += 1
+    spent = job.preview_seconds + time.monotonic() - started
+    job.preview_due = time.monotonic() + max(PREVIEW_MIN_INTERVAL_S, 20 * spent)
 
 
 def _build_result(scene: bpy.types.Scene, job: ActiveJob, event: dict[str, Any]) -> None:
     from . import scene as scene_ops
 
     props = scene.zeroavatar
+    fitted_body = job.kind == "fit" or event["_path"].name == "fit_body"
     _remove_job_objects(scene, job)
-    armature, mesh = scene_ops.build_avatar(event["_path"], name=job.avatar_name, collection=scene.collection)
+    # The fitted body is there to be posed by hand: its pose is not keyed, so a frame change does
+    # not silently undo the user's edit (the final avatar's pose is keyed, for exports).
+    armature, mesh = scene_ops.build_avatar(event["_path"], name=job.avatar_name, collection=scene.collection,
+                                            key_pose=not fitted_body)
     for obj in (armature, mesh):
         obj["zeroavatar_job"] = str(job.client.job_dir)
     props.armature, props.mesh = armature, mesh
@@ -215,8 +252,9 @@ def _build_result(scene: bpy.types.Scene, job: ActiveJob, event: dict[str, Any])
         preview = props.preview
         props.preview = None
         bpy.data.objects.remove(preview, do_unlink=True)
-    if job.kind == "fit" or event["_path"].name == "fit_body":  # the fitted body: show it over the photo
-        _add_camera(scene, job, event["_path"])
+    camera = props.camera
+    if fitted_body or (camera is not None and camera.get("zeroavatar_job") == str(job.client.job_dir)):
+        _add_camera(scene, job, event["_path"])  # a later bundle of the job has its own frame: follow it
 
 
 def _add_camera(scene: bpy.types.Scene, job: ActiveJob, bundle_dir: Path) -> None:
@@ -239,7 +277,9 @@ def _add_camera(scene: bpy.types.Scene, job: ActiveJob, bundle_dir: Path) -> Non
     cam = scene_ops.add_photo_camera(camera, job_photo(job.client.job_dir, job.photo_path),
                                      collection=scene.collection, scene=scene)
     if old is not None and old != cam and old.get("zeroavatar_job") == str(job.client.job_dir):
+        name = old.name
         bpy.data.objects.remove(old, do_unlink=True)
+        cam.name = name
     cam["zeroavatar_job"] = str(job.client.job_dir)
     scene.zeroavatar.camera = cam
 

@@ -7,6 +7,8 @@ buttons grey out instead of failing.
 
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,9 @@ from .preferences import body_args, engine_env_extra, find_engine, get_prefs, we
 from .properties import EXPORT_PRESET_ITEMS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Advanced (studios, tests): extra arguments for the engine's commands that optimise (generate,
+# optimise), shell-quoted, e.g. "--steps 200 --set n_samples=96" (see `--set` in the engine CLI).
+EXTRA_ARGS_ENV = "ZEROAVATAR_ENGINE_EXTRA_ARGS"
 IMAGE_GLOB = ";".join("*" + e for e in IMAGE_EXTENSIONS)
 
 
@@ -91,12 +96,23 @@ def photo_job_args(context: bpy.types.Context, photo: Path, job: Path) -> list[s
     return args
 
 
-def quality_args(context: bpy.types.Context) -> list[str]:
-    quality = resolved_quality(context)
+def extra_engine_args() -> list[str]:
+    """``ZEROAVATAR_ENGINE_EXTRA_ARGS`` split like a shell would (no shell runs); ValueError when
+    the quoting is broken."""
+    text = os.environ.get(EXTRA_ARGS_ENV, "")
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"{EXTRA_ARGS_ENV} is not valid shell quoting ({exc}): {text!r}") from exc
+
+
+def quality_args(context: bpy.types.Context, quality: str | None = None) -> list[str]:
+    """--quality (and the weights for full) plus the advanced extra arguments."""
+    quality = quality or resolved_quality(context)
     args = ["--quality", quality]
     if quality == "full":
         args += weights_args(get_prefs(context))
-    return args
+    return args + extra_engine_args()
 
 
 class ZEROAVATAR_OT_generate(bpy.types.Operator):
@@ -133,8 +149,13 @@ class ZEROAVATAR_OT_generate(bpy.types.Operator):
         engine = find_engine_or_report(self, context)
         if engine is None:
             return {"CANCELLED"}
+        try:
+            optimise_args = quality_args(context)
+        except ValueError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
         job = jobs.new_job_dir(photo)
-        args = [*photo_job_args(context, photo, job), *quality_args(context), "--no-export"]
+        args = [*photo_job_args(context, photo, job), *optimise_args, "--no-export"]
         return start_engine(self, context, engine, "generate", args, job, jobs.subject_from_photo(photo), str(photo))
 
 
@@ -197,8 +218,8 @@ def _fitted(cls: type, context: bpy.types.Context) -> bool:
 class ZEROAVATAR_OT_optimise(bpy.types.Operator):
     bl_idname = "zeroavatar.optimise"
     bl_label = "Optimise"
-    bl_description = ("Optimise the avatar (Standard / Full quality) using the body's current pose; "
-                      "adjust the pose in Pose Mode first if the fit is off")
+    bl_description = ("Optimise the avatar (Standard / Full quality; Fast has nothing to optimise, so it runs "
+                      "Standard) using the body's current pose; adjust the pose in Pose Mode first if the fit is off")
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
@@ -207,14 +228,22 @@ class ZEROAVATAR_OT_optimise(bpy.types.Operator):
     def execute(self, context: bpy.types.Context) -> set[str]:
         props = scene_props(context)
         job = job_dir(context)
+        quality = resolved_quality(context)
+        if quality == "fast":  # the engine would finish at once with nothing done
+            quality = "standard"
+            self.report({"INFO"}, "Fast quality has no optimisation: optimising at Standard quality")
+        try:
+            args = [str(job), *quality_args(context, quality), "--progress", "none", "--device", get_prefs(context).device]
+        except ValueError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
         engine = find_engine_or_report(self, context)
         if engine is None:
             return {"CANCELLED"}
         if not send_pose_edit(self, context, job):
             return {"CANCELLED"}
-        return start_engine(self, context, engine, "optimise", [str(job), *quality_args(context), "--progress", "none",
-                                                        "--device", get_prefs(context).device],
-                            job, props.avatar_name or job.name, props.photo_path)
+        return start_engine(self, context, engine, "optimise", args, job, props.avatar_name or job.name,
+                            props.photo_path)
 
 
 class ZEROAVATAR_OT_edit_pose(bpy.types.Operator):

@@ -1,11 +1,12 @@
 """Export an avatar bundle for game engines, headless, with Blender's own exporters.
 
     python -m zeroavatar_blender.blender_jobs.export_avatar --bundle DIR --out DIR \\
-        [--presets unity,unreal,godot,gltf] [--blend]
+        [--presets unity,unreal,godot,gltf] [--name SUBJECT] [--blend]
 
 Runs where the ``bpy`` module is installed (the engine's environment has it). Builds the avatar
 in a fresh empty scene, then writes avatar.glb and avatar.fbx (the Unity/generic FBX) plus one
-file per preset named after the subject (<subject>.glb, <subject>_unity.fbx, ...). Prints one
+file per preset named after the subject (<subject>.glb, <subject>_unity.fbx, ...; ``--name``
+overrides the bundle's subject, as the engine's export stage does). Prints one
 JSON object a line: an ``export`` event per file, then ``done`` (or ``error``); the exit codes
 are the engine's (protocol.EXIT_*).
 """
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="folder for the exported files")
     parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS),
                         help=f"comma-separated, from {','.join(PRESETS)} (default: all)")
+    parser.add_argument("--name", default=None,
+                        help="subject name for the files and objects (default: the bundle's subject)")
     parser.add_argument("--blend", action="store_true", help="also save avatar.blend (texture packed)")
     args = parser.parse_args(argv)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
@@ -61,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def export_all(bundle_dir: Path, out_dir: Path, presets: list[str], save_blend: bool = False) -> list[dict[str, Any]]:
+def export_all(bundle_dir: Path, out_dir: Path, presets: list[str], save_blend: bool = False,
+               name: str | None = None) -> list[dict[str, Any]]:
     """Build the avatar in a fresh scene and write every file; returns what was written."""
     import bpy
 
@@ -69,8 +73,8 @@ def export_all(bundle_dir: Path, out_dir: Path, presets: list[str], save_blend: 
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     started = time.perf_counter()
-    armature, mesh = scene.build_avatar(bundle_dir)
-    subject = str(armature.get(scene.PROP_SUBJECT) or armature.name)
+    armature, mesh = scene.build_avatar(bundle_dir, name=name or None)
+    subject = name or str(armature.get(scene.PROP_SUBJECT) or armature.name)
     written: list[dict[str, Any]] = []
 
     def record(fmt: str, preset: str, path: Path, t0: float) -> None:
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..addon.export_presets import ExportError
 
     try:
-        written = export_all(args.bundle, args.out, args.presets, args.blend)
+        written = export_all(args.bundle, args.out, args.presets, args.blend, args.name)
     except BundleError as exc:
         emit("error", code=protocol.EXIT_BAD_INPUT, message=str(exc))
         return protocol.EXIT_BAD_INPUT

@@ -72,6 +72,12 @@ def load_avatar(args: argparse.Namespace) -> list:
     if "FINISHED" not in result:
         raise RuntimeError(f"Blender could not import {args.glb}")
     meshes = [o for o in bpy.context.scene.objects if o.type == "MESH"]
+    # Frame the skinned avatar, not helpers the importer adds (e.g. its bone-shape icosphere).
+    skinned = [o for o in meshes if any(m.type == "ARMATURE" for m in o.modifiers) or o.vertex_groups]
+    meshes = skinned or meshes
+    for o in bpy.context.scene.objects:
+        if o.type == "MESH" and o not in meshes:
+            o.hide_render = True
     if not meshes:
         raise RuntimeError(f"{args.glb} holds no mesh")
     if args.rest:

@@ -13,6 +13,7 @@ Exit codes are protocol.EXIT_*; every run appends JSON events to JOB/events.json
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from typing import Callable
 
 from .. import __version__, protocol
 from .errors import BadInputError, EngineError
-from .job import Job, install_signal_cancel
+from .job import Job, install_signal_cancel, output_error
 from .pipeline import QUALITIES, JobSettings, subject_name
 
 
@@ -61,6 +62,13 @@ def _add_optimise_args(p: argparse.ArgumentParser, default_quality: str | None) 
                    help="advanced: override an optimisation setting (see OptimiseConfig), e.g. --set n_samples=96")
 
 
+def _add_reuse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow Python's pickle for the job's .pkl body model, which you trust (never taken "
+                        "from job.json: a job folder may come from elsewhere)")
+    _add_common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m zeroavatar_blender.engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,14 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimise", aliases=["optimize"], help="optimise the field of a fitted job")
     p.add_argument("job", type=Path)
     _add_optimise_args(p, None)
-    _add_common(p)
+    _add_reuse_args(p)
     p = sub.add_parser("finalise", aliases=["finalize"], help="build the avatar bundle and exports of a job")
     p.add_argument("job", type=Path)
     p.add_argument("--no-export", action="store_true")
-    _add_common(p)
+    _add_reuse_args(p)
     p = sub.add_parser("resume", help="continue an interrupted job from its last checkpoint")
     p.add_argument("job", type=Path)
-    _add_common(p)
+    _add_reuse_args(p)
     p = sub.add_parser("batch", help="many photos, one job folder each under --out")
     p.add_argument("photos", type=Path, nargs="+", help="photos, or folders of photos")
     p.add_argument("--out", type=Path, required=True)
@@ -126,8 +134,16 @@ def _settings_from_args(args: argparse.Namespace, settings: JobSettings) -> JobS
     return settings
 
 
+def settings_for_existing_job(args: argparse.Namespace, settings: JobSettings) -> JobSettings:
+    """A job's saved settings with this command's overrides. The full-unpickler opt-in is the one
+    setting never taken from job.json: it must come from the user running this command."""
+    settings.allow_pickle = False
+    return _settings_from_args(args, settings)
+
+
 def _resources() -> dict[str, float]:
-    """Peak memory of this engine process (and of the GPU when one was used), for benchmarks."""
+    """Peak and current memory and open files of this engine process (and the GPU's peak when one
+    was used): for benchmarks, and so a batch's soak test can see leaks job by job."""
     out: dict[str, float] = {}
     try:
         import resource
@@ -135,10 +151,40 @@ def _resources() -> dict[str, float]:
         out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     except (ImportError, OSError):
         pass
+    out.update(_process_now())
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def _process_now() -> dict[str, float]:
+    """Resident memory (MB) and open file descriptors of this process now; Linux only (elsewhere
+    an empty dict)."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["rss_mb"] = round(int(line.split()[1]) / 1024, 1)
+        out["open_fds"] = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself holds
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _release_memory() -> None:
+    """Between batch jobs: collect reference cycles and hand freed heap back to the OS (glibc's
+    malloc_trim), so a long batch holds what is live, not what fragmentation kept."""
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,8 +204,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
     install_signal_cancel(job)
-    job.emit("started", pid=os.getpid(), command=command, version=__version__, argv=sys.argv[1:])
     try:
+        job.emit("started", pid=os.getpid(), command=command, version=__version__, argv=sys.argv[1:])
         if command in ("generate", "fit"):
             photo = args.photo.expanduser()
             settings = _settings_from_args(args, JobSettings(subject=subject_name(photo)))
@@ -179,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
                 if settings.export:
                     steps.append(lambda: pipeline.stage_export(job, settings))
         else:
-            settings = _settings_from_args(args, JobSettings.load(job))
+            settings = settings_for_existing_job(args, JobSettings.load(job))
             settings.save(job)
             if command == "optimise":
                 steps = [lambda: pipeline.stage_optimise(job, settings)]
@@ -196,31 +242,64 @@ def run(args: argparse.Namespace) -> int:
         return protocol.EXIT_OK
     except EngineError as exc:
         status = "cancelled" if exc.code == protocol.EXIT_CANCELLED else "failed"
-        job.emit("error", code=exc.code, message=exc.message, hint=exc.hint)
-        job.emit("done", status=status, code=exc.code, **_resources())
-        return exc.code
+        return _finish(job, exc.code, status, exc.message, exc.hint)
     except KeyboardInterrupt:
-        job.emit("done", status="cancelled", code=protocol.EXIT_CANCELLED)
-        return protocol.EXIT_CANCELLED
+        return _finish(job, protocol.EXIT_CANCELLED, "cancelled")
     except MemoryError:
-        job.emit("error", code=protocol.EXIT_FAILED, message="out of memory",
-                 hint="close other programs, lower --texture-size, or use quality fast")
-        job.emit("done", status="failed", code=protocol.EXIT_FAILED)
-        return protocol.EXIT_FAILED
-    except Exception as exc:  # a bug: say so, keep the traceback in the log
-        trace = traceback.format_exc()
-        try:
-            with open(job.layout.log, "a", encoding="utf-8") as f:
-                f.write(trace)
-        except OSError:
-            pass
-        sys.stderr.write(trace)
-        job.emit("error", code=protocol.EXIT_FAILED, message=f"engine error: {type(exc).__name__}: {exc}",
-                 hint=f"this is a bug; the traceback is in {job.layout.log}")
-        job.emit("done", status="failed", code=protocol.EXIT_FAILED)
-        return protocol.EXIT_FAILED
+        return _finish(job, protocol.EXIT_FAILED, "failed", "out of memory",
+                       "close other programs, lower --texture-size, or use quality fast")
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:  # a write that no stage wrapped: still the disk's fault, not a bug
+            err = output_error(Path(exc.filename or job.root), exc)
+            return _finish(job, err.code, "failed", err.message, err.hint)
+        return _bug(job, exc)
+    except Exception as exc:  # noqa: BLE001
+        if _is_cuda_oom(exc):
+            return _finish(job, protocol.EXIT_FAILED, "failed", f"the GPU ran out of memory: {str(exc).splitlines()[0]}",
+                           "close other programs that use the GPU, use --quality standard or --device cpu, "
+                           "or lower --texture-size; then resume the job")
+        return _bug(job, exc)
     finally:
         job.close()
+
+
+# Write failures that mean "the output cannot be written here", whichever stage hit them.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _finish(job: Job, code: int, status: str, message: str = "", hint: str = "") -> int:
+    """The last events of a run. If even they cannot be written (disk full, folder gone), the
+    error goes to stderr instead of a traceback."""
+    try:
+        if message:
+            job.emit("error", code=code, message=message, hint=hint)
+        job.emit("done", status=status, code=code, **_resources())
+    except EngineError as exc:
+        if message:
+            print(f"error: {message}" + (f"\n  -> {hint}" if hint else ""), file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+    return code
+
+
+def _bug(job: Job, exc: BaseException) -> int:
+    """An unexpected exception: say it is a bug, keep the traceback in the log."""
+    trace = traceback.format_exc()
+    try:
+        with open(job.layout.log, "a", encoding="utf-8") as f:
+            f.write(trace)
+    except OSError:
+        pass
+    sys.stderr.write(trace)
+    return _finish(job, protocol.EXIT_FAILED, "failed", f"engine error: {type(exc).__name__}: {exc}",
+                   f"this is a bug; the traceback is in {job.layout.log}")
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError from any stage (the optimiser handles its own steps), without
+    importing torch here."""
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch is not None else None
+    return isinstance(oom, type) and isinstance(exc, oom)
 
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -247,15 +326,27 @@ def run_batch(args: argparse.Namespace) -> int:
         job_args = argparse.Namespace(**vars(args))
         job_args.command, job_args.photo, job_args.out, job_args.person = "generate", photo, args.out / name, None
         code = run(job_args)
-        summary.append({"photo": str(photo), "job": name, "code": code, "status": protocol.EXIT_MEANINGS.get(code, "?")})
+        _release_memory()
+        summary.append({"photo": str(photo), "job": name, "code": code, "status": protocol.EXIT_MEANINGS.get(code, "?"),
+                        **_process_now()})  # memory and files after each job: a leak shows here
         first_failure = first_failure or code
         if code == protocol.EXIT_CANCELLED:
             break
     from .job import atomic_write_json
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "batch.json", {"jobs": summary})
+    problem: EngineError | None = None
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out / "batch.json", {"jobs": summary})
+    except OSError as exc:
+        problem = output_error(args.out, exc)
+    except EngineError as exc:
+        problem = exc
     ok = sum(1 for s in summary if s["code"] == 0)
+    if problem is not None:
+        print(f"error: cannot write the batch summary: {problem}", file=sys.stderr)
+        print(f"batch: {ok}/{len(summary)} photos done", file=sys.stderr)
+        return first_failure or problem.code
     print(f"batch: {ok}/{len(summary)} photos done; summary in {args.out / 'batch.json'}", file=sys.stderr)
     return first_failure
 

@@ -1,14 +1,20 @@
 """Finalise an optimised field into the same rigged avatar bundle as the fast path.
 
-High-resolution marching cubes -> clean-up (largest component, small holes, Taubin smoothing,
-decimation) -> skin weights from the fitted body -> unposed to the body's rest pose -> UV unwrap
--> texture baked from the field's colour at the posed surface.
+High-resolution marching cubes -> clean-up (largest component, small holes, Taubin smoothing)
+-> surface snapped onto the fitted body where it is within a centimetre or two of it (there the
+body is the better estimate: the field's level set only adds marching-cubes and hash-grid noise;
+farther out, a skirt or a jacket, the field's shape stays) -> decimation -> skin weights from the
+fitted body -> unposed to the body's rest pose -> UV unwrap -> texture: the photo where it sees
+the surface, the body's UV texture near the body, the photo carried through to the back
+elsewhere (surface_colour.py); quality ``full`` keeps the diffusion-guided field's colour there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,54 +36,142 @@ def load_field(ckpt: dict[str, Any], device: str = "cpu"):
     return field, cfg
 
 
+@dataclass
+class FinaliseConfig:
+    """How the field becomes a mesh; ``settings.extra["finalise"]`` may override any of these."""
+
+    resolution_cpu: int = 192  # marching-cubes cells along the box's longest side
+    resolution_gpu: int = 320
+    level_ratio: float = 1.0  # iso-level as a fraction of the field's surface density
+    smooth_iterations: int = 5
+    snap_inner: float = 0.01  # metres: closer to the body than this, the surface is the body's
+    snap_outer: float = 0.025  # blending to the field's own surface at this distance (0: no snapping)
+    colour: str = "photo"  # "photo": surface_colour.py; "field": the field's colour everywhere
+
+
+def snap_to_body(vertices: np.ndarray, body_vertices: np.ndarray, body_faces: np.ndarray,
+                 inner: float, outer: float) -> np.ndarray:
+    """Move surface points near the body onto it: fully within ``inner`` metres, not at all
+    beyond ``outer``, smoothly between. (N,3) -> (N,3)."""
+    from .mesh_rig import closest_body_points
+
+    if outer <= 0 or len(vertices) == 0:
+        return vertices
+    face, bary, dist = closest_body_points(vertices, body_vertices, body_faces, k=6)
+    closest = (body_vertices[body_faces[face]] * bary[:, :, None]).sum(1)
+    t = np.clip((dist - inner) / max(outer - inner, 1e-9), 0.0, 1.0)
+    keep = t * t * (3 - 2 * t)  # smoothstep: no crease where snapping ends
+    return closest + (vertices - closest) * keep[:, None]
+
+
+def finalise_config(settings) -> FinaliseConfig:
+    overrides = (settings.extra or {}).get("finalise") or {}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(FinaliseConfig)}
+    if unknown:
+        from .errors import BadInputError
+
+        raise BadInputError(f"unknown finalise settings: {', '.join(sorted(unknown))}",
+                            "see FinaliseConfig in zeroavatar_blender/engine/field_avatar.py")
+    return dataclasses.replace(FinaliseConfig(), **overrides)
+
+
 def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, Any]):
     """-> (AvatarBundle, posed world vertices (V,3))."""
     from .avatar import assemble_avatar
-    from .extract import CleanupConfig, clean_mesh, extract_mesh
+    from .extract import CleanupConfig, clean_mesh, decimate, extract_mesh, MeshData
     from .mesh_rig import bake_texture, transfer_skin_weights, unpose, unwrap_uv
     from .pipeline import resolve_device
 
     device = resolve_device(settings.device)
+    fc = finalise_config(settings)
     field, cfg = load_field(ckpt, device)
     gpu = device == "cuda"
     started = time.time()
     job.stage("finalise", "Extracting the surface (marching cubes)")
     with torch.no_grad():
-        mesh = extract_mesh(field, resolution=320 if gpu else 192, with_colors=False)
+        out = body.forward(params)
+    body_v = out.vertices[0].double().cpu().numpy()
+    body_f = np.asarray(body.faces, np.int64)
+    with torch.no_grad():
+        mesh = extract_mesh(field, resolution=fc.resolution_gpu if gpu else fc.resolution_cpu, with_colors=False,
+                            threshold=fc.level_ratio * field.config.surface_density)
     if mesh.num_vertices == 0:
         from .errors import EngineError
 
         raise EngineError("the optimised field is empty (no surface)", "optimise again with another --seed or use --quality fast")
     job.check_cancel()
     target_faces = int(settings.extra.get("target_faces", 40_000))
-    mesh = clean_mesh(mesh, CleanupConfig(target_faces=target_faces))
+    mesh = clean_mesh(mesh, CleanupConfig(target_faces=0, smooth_iterations=fc.smooth_iterations))
+    mesh = MeshData(snap_to_body(mesh.vertices.astype(np.float64), body_v, body_f, fc.snap_inner, fc.snap_outer),
+                    mesh.faces)
+    if target_faces:
+        mesh = decimate(mesh, target_faces)
     posed_v, faces = mesh.vertices.astype(np.float64), mesh.faces.astype(np.int64)
     job.info(f"Surface: {len(posed_v)} vertices, {len(faces)} faces ({time.time() - started:.1f} s)")
 
     job.stage("finalise", "Rigging: skin weights from the body, rest pose")
-    with torch.no_grad():
-        out = body.forward(params)
-    body_v = out.vertices[0].double().cpu().numpy()
     transforms = out.bone_transforms[0].double().cpu().numpy()
-    idx, w = transfer_skin_weights(posed_v, faces, body_v, np.asarray(body.faces), body.skin_indices.cpu().numpy(),
+    idx, w = transfer_skin_weights(posed_v, faces, body_v, body_f, body.skin_indices.cpu().numpy(),
                                    body.skin_weights.cpu().numpy(), body.num_bones)
     rest_v = unpose(posed_v, idx, w.astype(np.float64), transforms)
     job.check_cancel()
 
-    job.stage("finalise", "Unwrapping UVs and baking the texture from the field")
+    job.stage("finalise", "Unwrapping UVs and baking the texture")
     vmap, new_faces, uv = unwrap_uv(rest_v, faces)
     posed_v2, rest_v2 = posed_v[vmap], rest_v[vmap]
     idx2, w2 = idx[vmap], w[vmap]
     corner_uv = uv[new_faces]
 
-    def colour(points: np.ndarray) -> np.ndarray:
+    def field_colour(points: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return field(torch.as_tensor(points, dtype=torch.float32, device=device)).rgb.float().cpu().numpy()
 
-    texture = bake_texture(posed_v2, new_faces, corner_uv, colour, size=settings.texture_size)
+    if fc.colour == "field":
+        texture = bake_texture(posed_v2, new_faces, corner_uv, field_colour, size=settings.texture_size)
+    else:
+        priors = _colour_priors(job, settings, body, fit, out.vertices[0])
+        unseen = field_colour if settings.quality == "full" else None
+        texture = bake_surface_texture(posed_v2, new_faces, corner_uv, priors, settings.texture_size, unseen)
     bundle = assemble_avatar(body, params, rest_v2, new_faces, corner_uv, idx2, w2, texture, camera=fit.camera,
                              subject=settings.subject, quality=settings.quality,
                              extra_meta={"source_photo": settings.source_photo, "optimised_steps": int(ckpt["step"]),
-                                         "field_config": cfg})
+                                         "field_config": cfg, "finalise": dataclasses.asdict(fc)})
     job.info(f"Avatar mesh ready in {time.time() - started:.1f} s")
     return bundle, posed_v2
+
+
+def _colour_priors(job: Job, settings, body, fit, posed_vertices):
+    from .imageio import load_photo
+    from .perception import Perception
+    from .surface_colour import build_colour_priors
+
+    photo = load_photo(job.root / settings.photo)
+    perception = Perception.load(job.layout.perception)
+    mask = perception.mask if perception.mask.shape[:2] == photo.rgb.shape[:2] else None
+    return build_colour_priors(photo.rgb, fit.camera.scaled(photo.scale), mask, body, posed_vertices,
+                               texture_size=settings.texture_size)
+
+
+def bake_surface_texture(posed_v: np.ndarray, faces: np.ndarray, corner_uv: np.ndarray, priors, size: int,
+                         unseen_fn=None) -> np.ndarray:
+    """The avatar's UV texture from the photo and its priors (surface_colour.py). -> (S,S,3) uint8."""
+    from scipy.ndimage import distance_transform_edt
+
+    from .render.raster import vertex_normals
+    from .surface_colour import colour_surface
+    from .texture import texel_surface_map
+
+    face_id, bary = texel_surface_map(faces, corner_uv, size)
+    on = face_id >= 0
+    img = np.zeros((size, size, 3), np.float64)
+    if on.any():
+        f = face_id[on]
+        b = bary[on].astype(np.float64)
+        points = (posed_v[faces[f]] * b[:, :, None]).sum(1)
+        vn = vertex_normals(torch.as_tensor(posed_v), torch.as_tensor(faces)).numpy()
+        normals = (vn[faces[f]] * b[:, :, None]).sum(1)
+        normals /= np.linalg.norm(normals, axis=1, keepdims=True).clip(1e-12)
+        img[on] = colour_surface(points, normals, posed_v, faces, priors, unseen_fn)
+        _, (ri, ci) = distance_transform_edt(~on, return_indices=True)
+        img = img[ri, ci]
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)

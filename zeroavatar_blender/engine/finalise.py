@@ -33,10 +33,19 @@ def publish_folder(partial: Path, final: Path) -> None:
 
 
 def save_bundle(bundle, final: Path) -> None:
+    """Write into ``<final>.partial`` and publish; on any failure (a full disk) the partial folder
+    is removed, so nothing half-written is left beside the job's other files."""
     partial = final.with_name(final.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    bundle.save(partial)
+    try:
+        if partial.exists():
+            shutil.rmtree(partial)
+        bundle.save(partial)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise output_error(partial, exc) from exc
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     publish_folder(partial, final)
 
 
@@ -107,7 +116,10 @@ def finalise_avatar(job: Job, settings: JobSettings) -> Path:
     else:
         bundle, posed_world = fast_bundle(job, settings, body, params, fit)
     save_bundle(bundle, job.layout.result)
-    job.layout.exports.mkdir(exist_ok=True)
+    try:
+        job.layout.exports.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise output_error(job.layout.exports, exc) from exc
     write_posed_ply(posed_world, bundle.faces, fit.camera, job.layout.exports / "avatar_posed.ply")
     return job.layout.result
 

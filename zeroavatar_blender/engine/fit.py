@@ -2,16 +2,21 @@
 
 The camera keeps a fixed rotation (``cameras.FRONT_VIEW_R``) and the photo's focal length; the
 body's ``global_orient`` carries the viewing angle. Steps:
-  1. initialise: depth from the torso's size in pixels, then a rigid fit of the rest body's torso
-     and face to their keypoints from several starting turns (front, three-quarter, back) and both
-     left/right labellings; a visible face decides front from back, the given labels break ties;
-  2. pose: every fitted bone, with a robust (Geman-McClure) reprojection loss, a pose prior toward
-     a natural standing pose and joint limits (knees, elbows, hips); near-ties from step 1 are
-     carried as a batch and the better one kept;
-  3. pose + shape + silhouette: vertices off the mask (distance transform) and mask pixels no
-     vertex comes near (coverage), on an evenly spread vertex subset.
+  1. initialise: depth from the torso's size in pixels, then a rigid fit of the natural-pose
+     body's torso and face to their keypoints from several starting turns (front, three-quarter,
+     back) and both left/right labellings; a visible face decides front from back, the given
+     labels break ties;
+  2. pose (Adam): every fitted bone, with a robust (Geman-McClure) reprojection loss, a pose prior
+     toward a natural standing pose and joint limits (knees, elbows, hips, shoulders). Two pose
+     hypotheses run as one batch (limbs at rest, limbs flexed forward), since a foreshortened limb
+     may point toward or away from the camera; each limb keeps the better one. A second start
+     joins the batch when step 1 was a near-tie;
+  3. pose + shape + silhouette (L-BFGS, which walks the flat, depth-ambiguous directions much
+     faster than Adam): vertices off the mask (distance transform) and mask pixels no vertex comes
+     near (coverage), on an evenly spread vertex subset.
 Joints with zero confidence (a half-body photo's legs) are left to the prior: they hang straight.
 Afterwards the translation is moved into the camera, so the body's root is at the world origin.
+Weights and priors are tuned on tests/benchmarks/bench_fit.py.
 """
 
 from __future__ import annotations
@@ -132,13 +137,12 @@ class FitConfig:
     w_pose: float = 0.004
     w_limit: float = 1.0
     w_upright: float = 0.02
-    w_shape: float = 0.01
-    w_outside: float = 1.0
-    w_cover: float = 1.0
+    w_shape: float = 0.005
+    w_outside: float = 5.0
+    w_cover: float = 5.0
     sigma_sil: float = 0.1
     vertex_subset: int = 1200
-    full_optimizer: str = "lbfgs"  # or "adam"
-    pose_refine: int = 0  # of the pose iterations, the last ones by L-BFGS
+    full_optimizer: str = "lbfgs"  # or "adam" (needs about twice the iterations for the same accuracy)
     tie_margin: float = 0.25  # carry a second start when its rigid loss is within this ratio
 
 
@@ -158,8 +162,10 @@ def fit_body(perception: Any, body: BodyModel, *, focal_px: float | None = None,
              config: FitConfig | None = None) -> BodyFit:
     """Fit ``body`` to a Perception (keypoints and mask in the original photo's pixels).
 
-    ``iterations`` scales the pose and full stages (default 110 in all); ``on_progress(step,
-    total, loss)`` and ``check_cancel()`` are called once per step.
+    ``iterations``: the pose and silhouette stages' steps together (default 120), split as in
+    ``FitConfig``. ``on_progress(step, total, loss)`` and ``check_cancel()`` are called once per
+    step (per objective evaluation in the L-BFGS stage). ``seed`` picks the mask pixels the
+    coverage term samples; the fit is otherwise deterministic.
     """
     started = time.perf_counter()
     cfg = config or FitConfig()
@@ -167,7 +173,6 @@ def fit_body(perception: Any, body: BodyModel, *, focal_px: float | None = None,
         total = cfg.pose_iterations + cfg.full_iterations
         cfg = FitConfig(**{**cfg.__dict__, "pose_iterations": max(1, round(iterations * cfg.pose_iterations / total)),
                            "full_iterations": max(0, iterations - round(iterations * cfg.pose_iterations / total))})
-    torch.manual_seed(seed)
     kp, conf, mask, mask_scale, (W, H) = _check_perception(perception)
     dtype, device = body.dtype, body.device
     prior = P.body_prior(body)
@@ -181,8 +186,8 @@ def fit_body(perception: Any, body: BodyModel, *, focal_px: float | None = None,
         step += 1
         if check_cancel is not None:
             check_cancel()
-        if on_progress is not None:
-            on_progress(step, total_steps, loss)
+        if on_progress is not None:  # L-BFGS's line search may take a few evaluations more
+            on_progress(min(step, total_steps), total_steps, loss)
 
     if check_cancel is not None:
         check_cancel()
@@ -378,6 +383,14 @@ class _Variables:
         shape = self.prior.shape_mean + self.shape_z * self.prior.shape_std
         return BodyParams(full, shape, self.orient, self.transl)
 
+    def select(self, i: int) -> "_Variables":
+        """Candidate ``i`` alone (batch 1)."""
+        out = _Variables.__new__(_Variables)
+        out.prior, out.bones = self.prior, self.bones
+        for name in ("pose", "orient", "transl", "shape_z"):
+            setattr(out, name, getattr(self, name).detach()[i:i + 1].clone().requires_grad_(True))
+        return out
+
     def clamp_shape(self) -> None:
         if self.prior.shape_bounds is not None:
             lo, hi = self.prior.shape_bounds
@@ -419,59 +432,49 @@ def _fit_pose(body: BodyModel, prior: P.BodyPrior, t: _Target, starts: _Starts, 
     opt = torch.optim.Adam(groups)
     base = [g["lr"] for g in groups]
     W2C = _world_to_cam(t.R)
+
     def objective() -> torch.Tensor:
         params = var.params()
         uv, _ = project_torch(body.forward(params).keypoints, t.K, W2C)
         return L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp) + _prior_terms(params, prior, cfg)
 
-    n_adam = cfg.pose_iterations - cfg.pose_refine
-    for i in range(n_adam):
-        _schedule(opt, base, i, n_adam)
+    for i in range(cfg.pose_iterations):
+        _schedule(opt, base, i, cfg.pose_iterations)
         loss = objective()
         opt.zero_grad()
         loss.sum().backward()
         opt.step()
         tick(float(loss.detach().min()))
-    if cfg.pose_refine:
-        lbfgs = torch.optim.LBFGS([var.pose, var.orient, var.transl], lr=1.0, max_iter=cfg.pose_refine,
-                                  max_eval=cfg.pose_refine, history_size=20, tolerance_grad=1e-9,
-                                  tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            lbfgs.zero_grad()
-            loss = objective().sum()
-            loss.backward()
-            tick(float(loss.detach()))
-            return loss
-
-        lbfgs.step(closure)
 
     with torch.no_grad():
-        # Per start: each limb from the hypothesis with the lower loss on that limb.
-        params = var.params()
-        uv, _ = project_torch(body.forward(params).keypoints, t.K, W2C)
-        kp_terms = L.keypoint_terms(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp)  # (B,17)
-        bone_terms = cfg.w_pose * P.pose_prior_terms(params.pose, prior)  # (B,J)
-        bone_terms.index_add_(1, prior.limits.bones, cfg.w_limit * P.limit_terms(params.pose, prior.limits))
-        pose = var.pose.detach().clone()
-        slot = {b: i for i, b in enumerate(bones)}
-        for s in range(len(pick)):
-            base_row = s * n_h
-            for limb in prior.limbs:
-                cost = kp_terms[base_row:base_row + n_h, limb.keypoints].sum(-1) + \
-                    bone_terms[base_row:base_row + n_h, limb.bones].sum(-1)
-                best = base_row + int(torch.argmin(cost))
-                cols = [slot[b] for b in limb.bones]
-                pose[base_row, cols] = var.pose[best, cols]
-        rows = torch.arange(0, len(idx), n_h, device=pose.device)
-        merged = _Variables(body, prior, var.orient[rows], var.transl[rows], pose[rows])
+        merged = _merge_limbs(body, prior, t, cfg, var, labels, n_h)
+        lab = labels[::n_h]
         params = merged.params()
         uv, _ = project_torch(body.forward(params).keypoints, t.K, W2C)
-        lab = labels[rows]
         loss = L.keypoint_loss(uv, t.kp[lab], t.conf[lab], t.scale_px, cfg.sigma_kp) + _prior_terms(params, prior, cfg)
         best = int(torch.argmin(loss))
-    return (_Variables(body, prior, merged.orient[best:best + 1], merged.transl[best:best + 1],
-                       merged.pose[best:best + 1]), int(lab[best]), pick[best])
+    return merged.select(best), int(lab[best]), pick[best]
+
+
+def _merge_limbs(body: BodyModel, prior: P.BodyPrior, t: _Target, cfg: FitConfig, var: _Variables,
+                 labels: torch.Tensor, n_h: int) -> _Variables:
+    """Per start (n_h consecutive rows), each limb from the hypothesis with the lower loss on that
+    limb's keypoints and bones; the rest of the body from the first hypothesis."""
+    params = var.params()
+    uv, _ = project_torch(body.forward(params).keypoints, t.K, _world_to_cam(t.R))
+    kp_terms = L.keypoint_terms(uv, t.kp[labels], t.conf[labels], t.scale_px, cfg.sigma_kp)  # (B,17)
+    bone_terms = cfg.w_pose * P.pose_prior_terms(params.pose, prior)  # (B,J)
+    bone_terms.index_add_(1, prior.limits.bones, cfg.w_limit * P.limit_terms(params.pose, prior.limits))
+    pose = var.pose.detach().clone()
+    slot = {b: i for i, b in enumerate(body.fit_bones)}
+    for first in range(0, pose.shape[0], n_h):
+        rows = slice(first, first + n_h)
+        for limb in prior.limbs:
+            cost = kp_terms[rows, limb.keypoints].sum(-1) + bone_terms[rows, limb.bones].sum(-1)
+            cols = [slot[b] for b in limb.bones]
+            pose[first, cols] = var.pose[first + int(torch.argmin(cost)), cols]
+    keep = slice(0, pose.shape[0], n_h)
+    return _Variables(body, prior, var.orient[keep], var.transl[keep], pose[keep])
 
 
 def _fit_full(body: BodyModel, prior: P.BodyPrior, t: _Target, sil: L.SilhouetteTarget, var: _Variables,

@@ -54,7 +54,10 @@ def silhouette_target(mask: np.ndarray, mask_scale: float, *, max_points: int = 
 
     inside = np.asarray(mask, dtype=np.float32) > 0.5
     h, w = inside.shape
-    outside = ndimage.distance_transform_edt(~inside).astype(np.float32) / mask_scale
+    if inside.any():
+        outside = ndimage.distance_transform_edt(~inside).astype(np.float32) / mask_scale
+    else:  # no mask: nothing to compare with (the keypoints still fit the body)
+        outside = np.zeros(inside.shape, np.float32)
     edge = inside & ~ndimage.binary_erosion(inside)
     interior = inside & ~edge
     rng = np.random.default_rng(seed)

@@ -62,9 +62,18 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def output_error(path: Path, exc: OSError) -> OutputError:
-    if exc.errno == errno.ENOSPC:
-        return OutputError(f"the disk is full while writing {path}", "free some space and resume the job")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    """The OSError of a write as an error that says what is wrong with the output and what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "the disk is full" if exc.errno == errno.ENOSPC else "the disk quota is used up"
+        return OutputError(f"{what} while writing {path}",
+                           "free some space (or choose an output folder on another drive), then resume the job")
+    if exc.errno == errno.EFBIG:
+        return OutputError(f"cannot write {path}: the file is too large for this system (a file-size limit such as "
+                           "`ulimit -f`, or the drive's format)",
+                           "raise the limit or choose an output folder on another drive, then resume the job")
+    if exc.errno == errno.EROFS:
+        return OutputError(f"cannot write {path}: the drive is read-only", "choose an output folder on a writable drive")
+    if exc.errno in (errno.EACCES, errno.EPERM):
         return OutputError(f"cannot write {path}: permission denied", "choose an output folder you can write to")
     return OutputError(f"cannot write {path}: {exc.strerror or exc}", "check the output folder")
 
@@ -134,8 +143,12 @@ class Job:
                 continue
             except OSError as exc:
                 raise output_error(lock, exc) from exc
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(str(os.getpid()))
+            except OSError as exc:  # a full disk: no lock file without our pid in it
+                _unlink_quietly(lock)
+                raise output_error(lock, exc) from exc
             self._locked = True
             return
         raise BusyError(f"could not lock the job folder {self.root}", "try again")

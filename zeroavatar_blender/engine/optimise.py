@@ -68,6 +68,7 @@ class OptimiseConfig:
     w_depth_corr: Any = 0.05
     w_uv_prior: Any = ((0, 1.0), (0.7, 0.2))
     w_body_prior: Any = ((0, 0.05), (0.5, 0.005))
+    garment_proxy: bool = True  # the body prior grows where the person's silhouette is wider than the body's (priors.py)
     w_sds: Any = 0.0
     depth_switch_step: float = 0.5  # full: ControlNet depth from the body until this fraction, then the field's
     guidance_scale: float = 50.0
@@ -174,7 +175,16 @@ class Problem:
     radius: float
     frame_offset: np.ndarray  # world -> the posed avatar frame Blender shows (bundle meta)
     focal_ratio: float  # focal / image side for novel views
+    silhouette_excess: np.ndarray | None = None  # (H,W) metres the person is thicker than the body (ref view)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def excess_t(self) -> torch.Tensor | None:
+        if self.silhouette_excess is None:
+            return None
+        if "excess_t" not in self.extra:
+            self.extra["excess_t"] = torch.from_numpy(self.silhouette_excess).to(self.device)
+        return self.extra["excess_t"]
 
 
 def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, Any, Any]:
@@ -215,6 +225,14 @@ def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, 
     faces = torch.as_tensor(body.faces, dtype=torch.long)
     ref_depth = rasterize(v_cam, faces, K, W, H).depth
 
+    excess = None
+    if config.garment_proxy:
+        from .priors import silhouette_excess
+
+        body_px = torch.isfinite(ref_depth)
+        z = float(ref_depth[body_px].median()) if bool(body_px.any()) else radius_guess(fit, posed)
+        excess = silhouette_excess(ref_mask.numpy() > 0.5, body_px.numpy(), z / float(ref_cam.K[0, 0]))
+
     lo, hi = posed.min(0).values.numpy(), posed.max(0).values.numpy()
     target = (lo + hi) / 2
     radius = float(np.linalg.norm(fit.camera.center - target))
@@ -225,8 +243,25 @@ def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, 
         uv_texture=uv_texture.to(device), ref_camera=ref_cam, ref_rgb=ref_rgb.to(device),
         ref_mask=ref_mask.clamp(0, 1).to(device), ref_body_depth=ref_depth.to(device), target=target, radius=radius,
         frame_offset=body_frame_offset(body, params), focal_ratio=float(fit.camera.K[0, 0] / max(fit.camera.width, fit.camera.height)),
+        silhouette_excess=excess,
     )
     return problem, body, params
+
+
+def prior_surface(prior) -> np.ndarray | None:
+    """Points on the prior's zero level set when it is not the body's (a garment proxy), else None."""
+    from .extract import marching_cubes
+
+    sdf = prior.sdf
+    if not bool(getattr(prior, "is_proxy", False)):
+        return None
+    mesh = marching_cubes(-sdf.values.cpu().numpy(), 0.0, sdf.origin.cpu().numpy(), sdf.spacing)
+    return mesh.vertices.astype(np.float64) if mesh.num_vertices else None
+
+
+def radius_guess(fit, posed: torch.Tensor) -> float:
+    """Distance from the fit's camera to the body's centre (metres)."""
+    return float(np.linalg.norm(fit.camera.center - posed.mean(0).numpy()))
 
 
 # -- losses (pure functions) -------------------------------------------------------------------
@@ -292,12 +327,21 @@ class Optimiser:
         c = self.config = problem.config
         dev = problem.device
         body_np = problem.body_vertices.cpu().numpy()
-        self.aabb = body_aabb(body_np, c.aabb_padding).to(dev)
+        excess = problem.silhouette_excess
+        grow = float(excess.max()) if excess is not None and excess.size else 0.0
+        self.aabb = body_aabb(body_np, c.aabb_padding + grow).to(dev)
         enc = HashGridConfig(n_levels=c.n_levels, log2_hashmap_size=c.log2_hashmap_size, max_resolution=c.max_resolution)
         torch.manual_seed(c.seed)
         self.field = NeRFField(self.aabb, NeRFFieldConfig(encoding=enc), device=dev)
         self.prior = BodyPrior.from_mesh(body_np, problem.body_faces.cpu().numpy(),
-                                         BodyPriorConfig(grid_resolution=96 if dev.type == "cpu" else 128)).to(dev)
+                                         BodyPriorConfig(grid_resolution=96 if dev.type == "cpu" else 128,
+                                                         padding=0.1 + grow))
+        if grow > 0:
+            from .priors import garment_proxy_sdf
+
+            self.prior = BodyPrior(garment_proxy_sdf(self.prior.sdf, problem.ref_camera, excess), self.prior.config)
+            self.prior.is_proxy = True
+        self.prior = self.prior.to(dev)
         self.renderer = VolumeRenderer(self.aabb, VolumeRendererConfig(n_samples=c.n_samples))
         self.optimizer = torch.optim.Adam([
             {"params": self.field.encoding.parameters(), "lr": c.lr_encoding},
@@ -347,8 +391,12 @@ class Optimiser:
         """Distil the posed body's density into the field, so optimisation starts from the body."""
         from .field.body_prior import DistillConfig, distill_body_prior, sample_surface
 
+        rng = np.random.default_rng(self.config.seed)
         surface = sample_surface(self.problem.body_vertices.cpu().numpy().astype(np.float64),
-                                 self.problem.body_faces.cpu().numpy(), 50_000, np.random.default_rng(self.config.seed))
+                                 self.problem.body_faces.cpu().numpy(), 50_000, rng)
+        proxy = prior_surface(self.prior)
+        if proxy is not None:  # the garment proxy's surface, where its level set is decided
+            surface = np.concatenate([surface, proxy[rng.choice(len(proxy), 50_000)]])
         report = distill_body_prior(self.field, self.prior, torch.from_numpy(surface).float(),
                                     DistillConfig(steps=self.config.distill_steps, seed=self.config.seed,
                                                   batch_size=1 << 13 if self.problem.device.type == "cpu" else 1 << 16))
@@ -382,6 +430,8 @@ class Optimiser:
         losses["mask"] = F.mse_loss(out.opacity, mask_t)
         bd = p.ref_body_depth.reshape(-1)[idx]
         valid = torch.isfinite(bd) & (mask_t[:, 0] > 0.5) & (out.opacity[:, 0] > 0.5)
+        if p.excess_t is not None:  # where a garment covers the body, the body's depth is not the surface's
+            valid &= p.excess_t.reshape(-1)[idx] <= 0
         cam_center = torch.as_tensor(cam.center, dtype=torch.float32, device=dev)
         ray_z = (rays_all.directions[idx] @ w2c[2, :3])  # depth along the optical axis per unit ray length
         losses["depth_corr"] = pearson_depth_loss((out.depth[:, 0] * ray_z)[valid], bd[valid])

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import protocol
 from .errors import BadInputError, EngineError
-from .job import Job, atomic_write_json, output_error
+from .job import Job, atomic_save, atomic_write_json, output_error
 
 QUALITIES = ("fast", "standard", "full")
 
@@ -109,18 +109,15 @@ def stage_perceive(job: Job, settings: JobSettings, photo_path: Path) -> None:
     job.stage("perceive", f"Reading {photo_path.name}")
     photo = load_photo(photo_path)
     copy = job.layout.input_dir / ("photo" + (photo_path.suffix.lower() if len(photo_path.suffix) <= 6 else ""))
-    try:
-        if not (copy.exists() and copy.resolve() == photo_path.resolve()):
-            shutil.copyfile(photo_path, copy)
-    except OSError as exc:
-        raise output_error(copy, exc) from exc
+    if not (copy.exists() and copy.resolve() == photo_path.resolve()):  # a temp name, then renamed:
+        atomic_save(copy, lambda tmp: shutil.copyfile(photo_path, tmp))  # a full disk leaves no half copy
     settings.photo = job.rel(copy)
     settings.source_photo = str(photo_path)
     job.check_cancel()
     job.stage("perceive", "Finding the person and their keypoints")
     started = time.time()
     perception = perceive(photo, person=settings.person, on_message=job.info)
-    perception.save(job.layout.perception)
+    atomic_save(job.layout.perception, perception.save)  # a full disk leaves no half .npz for resume
     visible = int((perception.confidence > 0.3).sum())
     job.info(f"Person {perception.person_index + 1} of {perception.num_people}, {visible}/17 keypoints visible "
              f"({time.time() - started:.1f} s)")
@@ -169,8 +166,11 @@ def stage_export(job: Job, settings: JobSettings) -> None:
     from .exports import export_bundle
 
     job.stage("export", "Exporting FBX and glTF with Blender's exporters")
-    for fmt, path in export_bundle(job, settings):
-        job.emit("export", format=fmt, path=job.rel(path))
+    try:
+        for fmt, path in export_bundle(job, settings):
+            job.emit("export", format=fmt, path=job.rel(path))
+    except OSError as exc:  # its log file; the exporter's own failures come back as EngineError
+        raise output_error(Path(exc.filename or job.layout.exports), exc) from exc
 
 
 def stage_fit_preview(job: Job, settings: JobSettings) -> None:

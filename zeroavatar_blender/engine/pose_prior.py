@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .body.base import BodyModel
+from .body.base import BodyModel, matrix_to_rotvec, rotvec_to_matrix
 
 # Bone freedom in radians (one standard deviation), by bone name without its side marker.
 # Anny spreads one anatomical joint over several bones; the helpers ("...02", pelvis.L/R) mostly
@@ -104,7 +104,8 @@ class JointLimits:
     flex_axis: torch.Tensor  # (L,3)
     side_axis: torch.Tensor  # (L,3) the axis a hinge cannot turn about
     twist_axis: torch.Tensor  # (L,3) along the child segment
-    rest_flex: torch.Tensor  # (L,) the rest pose's own bend (Anny's elbows: about 44 degrees)
+    rest_flex: torch.Tensor  # (L,) the natural pose's own bend (Anny's elbows: about 44 degrees)
+    offset: torch.Tensor  # (L,3) the natural pose of the bone, where the axes were measured
     lo: torch.Tensor  # (L,)
     hi: torch.Tensor  # (L,)
     hinge: torch.Tensor  # (L,) 1 for knees and elbows
@@ -129,7 +130,7 @@ class BodyPrior:
     shape_mean: torch.Tensor  # (S,) the model's default shape
     shape_std: torch.Tensor  # (S,)
     shape_bounds: tuple[float, float] | None
-    rest_keypoints: torch.Tensor  # (17,3) COCO keypoints at the zero pose, default shape
+    rest_keypoints: torch.Tensor  # (17,3) COCO keypoints in the natural pose, default shape
 
 
 _CACHE: "weakref.WeakKeyDictionary[BodyModel, BodyPrior]" = weakref.WeakKeyDictionary()
@@ -165,6 +166,7 @@ def _build_prior(body: BodyModel) -> BodyPrior:
     # in size, since a photo cannot tell a tall person far away from a short one nearby.
     step = 0.25 * shape_std
     params = body.zero_params(2 * S + 1)
+    params.pose = mean.expand(2 * S + 1, J, 3).clone()
     params.shape = shape0.expand(2 * S + 1, S).clone()
     params.shape[1:S + 1] += torch.diag(step)
     params.shape[S + 1:] -= torch.diag(step)
@@ -174,10 +176,13 @@ def _build_prior(body: BodyModel) -> BodyPrior:
     motion = ((v[1:S + 1] - v[S + 1:]).norm(dim=-1).mean(-1) / (2 * step)).clamp_min(1e-6)  # (S,) m per unit
     shape_std = torch.minimum(shape_std, _SIZE_SPREAD_M / motion)
     rest_kp = out.keypoints[0]
-    limits = _joint_limits(body, rest_kp, frame)
+    limits = _joint_limits(body, rest_kp, out.bone_transforms[0, :, :3, :3], frame, mean)
+    # The second hypothesis: each limited bone turned further about its flexion axis, after its
+    # natural pose (rotations composed, since SMPL's natural arms-down pose is far from zero).
     flexed = mean.clone()
     for b, axis in zip(limits.bones.tolist(), limits.flex_axis):
-        flexed[b] = flexed[b] + axis * _FLEXED_START.get(split_side(body.bone_names[b])[0], 0.0)
+        turn = rotvec_to_matrix(axis * _FLEXED_START.get(split_side(body.bone_names[b])[0], 0.0))
+        flexed[b] = matrix_to_rotvec(turn @ rotvec_to_matrix(mean[b]))
     return BodyPrior(mean, inv_std, limits, flexed, _limbs(body), shape0.clone(), shape_std,
                      tuple(bounds) if bounds is not None else None, rest_kp.clone())
 
@@ -203,7 +208,11 @@ def _limbs(body: BodyModel) -> list[Limb]:
     return limbs
 
 
-def _joint_limits(body: BodyModel, kp: torch.Tensor, frame: torch.Tensor) -> JointLimits:
+def _joint_limits(body: BodyModel, kp: torch.Tensor, turned: torch.Tensor, frame: torch.Tensor,
+                  mean: torch.Tensor) -> JointLimits:
+    """Axes from the keypoints of the natural pose ``kp`` (arms down for SMPL too: at a T-pose the
+    shoulder's flexion axis would be the arm's own twist axis). ``turned`` (J,3,3): each bone's
+    rotation in that pose, since a bone's axes are carried by its parent."""
     rows = []
     fitted = set(body.fit_bones)
     for b, name in enumerate(body.bone_names):
@@ -225,16 +234,16 @@ def _joint_limits(body: BodyModel, kp: torch.Tensor, frame: torch.Tensor) -> Joi
         t = t / t.norm()
         s = torch.linalg.cross(h, t)
         rest = torch.atan2(torch.linalg.cross(u, c) @ h, u @ c)
-        # World axes -> parameter axes (rotation vectors transform like vectors).
-        rows.append((b, frame.T @ h, frame.T @ s, frame.T @ t, rest, spec.lo, spec.hi, float(spec.hinge)))
+        # World axes -> the parent's carried axes -> parameter axes (rotation vectors are vectors).
+        to_param = frame.T @ turned[int(body.bone_parents[b])].T
+        rows.append((b, to_param @ h, to_param @ s, to_param @ t, rest, mean[b], spec.lo, spec.hi, float(spec.hinge)))
     if not rows:
         z = kp.new_zeros((0, 3))
         e = kp.new_zeros(0)
-        return JointLimits(torch.zeros(0, dtype=torch.long, device=kp.device), z, z, z, e, e, e, e)
+        return JointLimits(torch.zeros(0, dtype=torch.long, device=kp.device), z, z, z, e, z, e, e, e)
     cols = list(zip(*rows))
     return JointLimits(torch.tensor(cols[0], dtype=torch.long, device=kp.device),
-                       torch.stack(cols[1]), torch.stack(cols[2]), torch.stack(cols[3]), torch.stack(cols[4]),
-                       kp.new_tensor(cols[5]), kp.new_tensor(cols[6]), kp.new_tensor(cols[7]))
+                       *(torch.stack(c) for c in cols[1:6]), *(kp.new_tensor(c) for c in cols[6:]))
 
 
 # -- losses ---------------------------------------------------------------------------------
@@ -251,7 +260,7 @@ def limit_terms(pose: torch.Tensor, limits: JointLimits, side_std: float = 0.1,
                 twist_std: float = 0.25) -> torch.Tensor:
     """Knees and elbows bending the wrong way, hips and shoulders over-extending, per limit:
     (B,J,3) -> (B,L), radians^2 out of range (side/twist of hinges in standard deviations)."""
-    theta = pose[:, limits.bones]  # (B,L,3)
+    theta = pose[:, limits.bones] - limits.offset  # (B,L,3), small-angle about the natural pose
     flex = limits.rest_flex + (theta * limits.flex_axis).sum(-1)
     out = (limits.lo - flex).clamp_min(0).square() + (flex - limits.hi).clamp_min(0).square()
     side = (theta * limits.side_axis).sum(-1) / side_std
@@ -271,7 +280,5 @@ def shape_prior_loss(shape: torch.Tensor, prior: BodyPrior) -> torch.Tensor:
 def upright_loss(global_orient: torch.Tensor) -> torch.Tensor:
     """1 - cos of the body's tilt from the world's up axis: most photos are taken roughly level,
     which matters when the hips or legs are not seen. (B,3) -> (B,)."""
-    from .body.base import rotvec_to_matrix
-
     return 1.0 - rotvec_to_matrix(global_orient)[:, 2, 2]
 

@@ -58,6 +58,9 @@ def load_anny(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
 
 class AnnyBody(BodyModel):
     id = "anny"
+    # Hints for the fitter's shape prior: phenotype values live in [0, 1] around 0.5.
+    shape_std = 0.5
+    shape_bounds = (0.0, 1.0)
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  on_message: Callable[[str], None] | None = None) -> None:
@@ -108,7 +111,14 @@ class AnnyBody(BodyModel):
         R = rotvec_to_matrix(pose)
         R = torch.cat([torch.eye(3, dtype=R.dtype, device=R.device).expand(B, 1, 3, 3), R[:, 1:]], 1)
         deltas = rigid(R, torch.zeros(B, J, 3, dtype=R.dtype, device=R.device))
-        return self._model(pose_parameters=deltas, phenotype_kwargs=shape.clamp(0, 1))
+        # Anny's forward minus its own skinning (we skin with the top-4 weights ourselves): the same
+        # calls as anny.Anny.forward / RiggedModelWithLinearBlendShapes.forward in anny 0.6.2.
+        m = self._model
+        pose, phenotype, local, facial = m.get_tensor_inputs(deltas, shape.clamp(0, 1), None, None)
+        out = m.get_rest_model(m._get_phenotype_blendshape_coefficients(phenotype, local, facial))
+        _, bone_poses = m.get_bone_transforms(pose, out["rest_bone_poses"])
+        out["bone_poses"] = bone_poses
+        return out
 
     def forward(self, params: BodyParams) -> BodyOutput:
         out = self._anny_forward(params.pose, params.shape)

@@ -1,0 +1,69 @@
+"""The garment shape prior: silhouette excess and the offset body SDF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from zeroavatar_blender.engine.cameras import Camera, intrinsics, look_at
+from zeroavatar_blender.engine.field.body_prior import SdfGrid
+from zeroavatar_blender.engine.priors import garment_proxy_sdf, silhouette_excess
+
+
+def disk(h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+def test_no_excess_where_the_person_is_the_body():
+    body = disk(64, 64, 32, 32, 12)
+    excess = silhouette_excess(body, body, metres_per_pixel=0.01)
+    assert excess.shape == body.shape and excess.max() == 0.0
+
+
+def test_excess_grows_with_the_extra_silhouette_and_stays_inside_the_person():
+    body = disk(96, 96, 48, 48, 8)
+    person = disk(96, 96, 48, 48, 30)  # a wide skirt around a narrow body
+    excess = silhouette_excess(person, body, metres_per_pixel=0.01, dead_zone=0.02, smooth_px=0)
+    assert excess[48, 48] == pytest.approx((30 - 8) * 0.01 - 0.02, abs=0.015)
+    assert excess[~person].max() == 0.0
+    assert excess[48, 48] > excess[48, 70] > 0  # thinner towards the outline, like a rounded garment
+    small = silhouette_excess(disk(96, 96, 48, 48, 9), body, metres_per_pixel=0.01, dead_zone=0.02)
+    assert small.max() == 0.0  # a pixel of fit error is not a garment
+
+
+def test_mask_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="differ"):
+        silhouette_excess(np.ones((4, 4), bool), np.ones((5, 4), bool), 0.01)
+
+
+def sphere_grid(radius: float = 0.2, n: int = 41, half: float = 0.6) -> SdfGrid:
+    axes = torch.linspace(-half, half, n, dtype=torch.float64)
+    pts = torch.stack(torch.meshgrid(axes, axes, axes, indexing="ij"), -1)
+    values = (pts.norm(dim=-1) - radius).float()
+    return SdfGrid(values, torch.full((3,), -half), float(axes[1] - axes[0]))
+
+
+def test_proxy_offsets_the_body_by_the_excess_where_the_camera_sees_it():
+    sdf = sphere_grid()
+    eye = np.array([0.0, -3.0, 0.0])
+    cam = Camera(intrinsics(64, 64, 160.0), look_at(eye, np.zeros(3)), 64, 64)
+    excess = np.zeros((64, 64), np.float32)
+    excess[:, :32] = 0.1  # the subject's right half (image left) wears something 10 cm thick
+    proxy = garment_proxy_sdf(sdf, cam, excess)
+    assert proxy.shape == sdf.shape
+    right = torch.tensor([[-0.27, 0.0, 0.0]])  # 7 cm outside the sphere, on the covered side
+    left = torch.tensor([[0.27, 0.0, 0.0]])
+    behind = torch.tensor([[-0.05, 0.27, 0.0]])  # behind the sphere on the covered side
+    assert float(sdf(right)) > 0 and float(proxy(right)) < 0
+    assert float(proxy(left)) == pytest.approx(float(sdf(left)), abs=1e-4)
+    assert float(proxy(behind)) < 0  # the offset reaches around, not just the visible side
+    far = torch.tensor([[-0.45, 0.0, 0.0]])
+    assert float(proxy(far)) > 0
+
+
+def test_proxy_checks_the_map_size():
+    cam = Camera(intrinsics(64, 48, 100.0), look_at(np.array([0.0, -3.0, 0.0]), np.zeros(3)), 64, 48)
+    with pytest.raises(ValueError, match="does not match"):
+        garment_proxy_sdf(sphere_grid(), cam, np.zeros((64, 64), np.float32))

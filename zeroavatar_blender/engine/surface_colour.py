@@ -1,0 +1,209 @@
+"""Colours for an arbitrary avatar surface from the one photo: seen, mirrored, or carried through.
+
+The optimised field's own colour is only as good as what supervised it: without diffusion
+guidance (quality ``standard``) the back is never observed, and a few hundred CPU steps leave
+hash-grid noise even on the front. So the standard avatar is textured from the photo directly:
+
+1. surface points the photo sees (in front, facing the camera, inside the person mask) take
+   the photo's colour there;
+2. points near the fitted body that the photo does not see take the body's UV texture (the fast
+   path's: the photo, or the left-right mirror of what the photo saw);
+3. the rest (the back of the body, the back of a skirt) take the photo's colour "through" the
+   body: a blur of the photo at the point's own projection, over pixels that show the same body
+   part (the dominant bone of the nearest body point). Clothes are cut from one cloth: the back
+   of a shirt is the shirt's colour, not the average of the whole person that a smooth fill
+   gives. The blur spreads a striped front into its mean colour, the least-error guess for a
+   back whose pattern is unknown;
+4. whatever is left (a part the photo never shows) takes the body texture's smooth fill.
+
+Frames: world = Blender (metres); the camera and photo are the fit's at the working resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cameras import Camera
+from .texture import MIRRORED, SEEN, UVTexture, erode_mask, project_texels, sample_image, uv_to_texel
+
+MIN_FACING = 0.2  # as the fast path: grazing views of a surface are not trusted
+NEAR_BODY_M = 0.03  # within this of the body a point may use the body's UV texture
+BLUR_SIGMA_M = 0.04  # the through-blur's width on the subject
+MIN_WEIGHT = 0.05  # blurred weight below which a part is taken as unseen at that pixel
+
+
+@dataclass
+class ColourPriors:
+    """Everything the surface colouring needs, built once per avatar."""
+
+    photo: np.ndarray  # (H,W,3) float32 in [0,1]
+    camera: Camera  # for ``photo``
+    person: np.ndarray  # (H,W) bool, eroded person mask
+    texture: UVTexture  # the body's UV texture (fast path)
+    body_vertices: np.ndarray  # (V,3) posed, world
+    body_faces: np.ndarray  # (F,3)
+    body_corner_uv: np.ndarray  # (F,3,2)
+    vertex_part: np.ndarray  # (V,) int64 bone chain of each body vertex's dominant bone
+    bone_parents: np.ndarray  # (J,) -1 for the root
+
+
+def build_colour_priors(photo_rgb: np.ndarray, camera: Camera, mask: np.ndarray | None, body, posed_vertices,
+                        *, texture_size: int = 1024) -> ColourPriors:
+    """photo_rgb (H,W,3) uint8 with ``camera`` for that size; mask (H,W) soft or bool, or None."""
+    from .texture import bake_photo_texture
+
+    verts = torch.as_tensor(posed_vertices).detach().cpu().double()
+    tex = bake_photo_texture(photo_rgb, camera, verts, body, mask=mask, size=texture_size)
+    H, W = photo_rgb.shape[:2]
+    person = np.ones((H, W), bool) if mask is None else (np.asarray(mask, np.float32) > 0.5)
+    person = erode_mask(person, max(2, round(0.003 * max(H, W))))
+    idx = body.skin_indices.cpu().numpy()
+    w = body.skin_weights.cpu().numpy()
+    part = bone_chains(np.asarray(body.bone_parents, np.int64))[idx[np.arange(len(idx)), w.argmax(1)]]
+    return ColourPriors(np.asarray(photo_rgb, np.float32)[..., :3] / 255.0, camera, person, tex,
+                        verts.numpy(), np.asarray(body.faces, np.int64), np.asarray(body.corner_uv, np.float32),
+                        part, np.asarray(body.bone_parents, np.int64))
+
+
+def bone_chains(parents: np.ndarray) -> np.ndarray:
+    """Group bones into unbranched chains (a leg from the hip to the ankle, the spine, an arm
+    from the clavicle to the wrist): a bone joins its parent's chain when it is that parent's only
+    child. (J,) parents -> (J,) chain id (the chain's first bone)."""
+    children = np.bincount(parents[parents >= 0], minlength=len(parents))
+    chain = np.arange(len(parents))
+    for j in range(len(parents)):  # parents come before children in the body models' order
+        p = parents[j]
+        if p >= 0 and children[p] == 1:
+            chain[j] = chain[p]
+    return chain
+
+
+def visible_in_photo(points: np.ndarray, normals: np.ndarray, depth: np.ndarray, priors: ColourPriors,
+                     tolerance: float = 0.015) -> tuple[np.ndarray, np.ndarray]:
+    """Which surface points the photo shows. depth (H,W): the avatar's own depth in the photo's
+    camera (+inf off it). -> (visible (N,) bool, pixels (N,2))."""
+    cam = priors.camera
+    pix, z, facing = project_texels(points, normals, cam)
+    H, W = depth.shape
+    inside = (pix[:, 0] >= -0.5) & (pix[:, 0] <= W - 0.5) & (pix[:, 1] >= -0.5) & (pix[:, 1] <= H - 0.5) & (z > 0)
+    px = np.clip(np.rint(pix[:, 0]), 0, W - 1).astype(np.int64)
+    py = np.clip(np.rint(pix[:, 1]), 0, H - 1).astype(np.int64)
+    footprint = 2.0 * z / float(cam.K[0, 0])
+    visible = inside & (z <= depth[py, px] + tolerance + footprint) & (facing > MIN_FACING) & priors.person[py, px]
+    return visible, pix
+
+
+def _gaussian_blur(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Separable Gaussian blur of (C,H,W), zero padded."""
+    r = max(1, int(3 * sigma_px))
+    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma_px) ** 2)
+    k = k / k.sum()
+    c = x.shape[0]
+    y = F.conv2d(x[None], k.reshape(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, r), groups=c)
+    y = F.conv2d(y, k.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(r, 0), groups=c)
+    return y[0]
+
+
+def through_colours(pix: np.ndarray, part: np.ndarray, pixel_part: np.ndarray, priors: ColourPriors,
+                    sigma_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """The photo blurred over the pixels that show the same body part, at each point's own
+    projection. pix (N,2) photo pixels, part (N,) bone per point, pixel_part (H,W) bone shown at
+    each pixel (-1: none). -> (colours (N,3), found (N,) bool)."""
+    H, W = pixel_part.shape
+    # work at most ~256 px on the long side: the blur is wide and there is one per part
+    s = min(1.0, 256.0 / max(H, W))
+    h, w = max(1, round(H * s)), max(1, round(W * s))
+    photo = F.interpolate(torch.from_numpy(priors.photo).permute(2, 0, 1)[None], size=(h, w), mode="area")[0]
+    parts_small = torch.from_numpy(pixel_part)[None, None].float()
+    parts_small = F.interpolate(parts_small, size=(h, w), mode="nearest")[0, 0].long()
+    person = F.interpolate(torch.from_numpy(priors.person.astype(np.float32))[None, None], size=(h, w), mode="area")[0, 0]
+    x = (pix[:, 0] + 0.5) * (w / W) - 0.5
+    y = (pix[:, 1] + 0.5) * (h / H) - 0.5
+    out = np.zeros((len(pix), 3), np.float32)
+    found = np.zeros(len(pix), bool)
+    sig = max(0.5, sigma_px * s)
+    for label in np.unique(part):
+        weight = ((parts_small == int(label)).float() * person)[None]
+        if float(weight.sum()) < 1:
+            continue
+        for width in (sig, 3 * sig):  # a wider blur where the part is not shown near the point
+            sel = np.nonzero((part == label) & ~found)[0]
+            if len(sel) == 0:
+                break
+            num = _gaussian_blur(photo * weight, width).permute(1, 2, 0).numpy()
+            den = _gaussian_blur(weight, width)[0].numpy()[..., None]
+            n = sample_image(num, x[sel], y[sel])
+            d = sample_image(den, x[sel], y[sel])[:, 0]
+            ok = d > MIN_WEIGHT
+            out[sel[ok]] = n[ok] / d[ok, None]
+            found[sel[ok]] = True
+    return out, found
+
+
+def body_texture_lookup(priors: ColourPriors, face: np.ndarray, bary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The body's UV texture at body surface points (face, barycentrics). -> (colours (N,3), source (N,))."""
+    uv = (priors.body_corner_uv[face] * bary[:, :, None]).sum(1)
+    S = priors.texture.image.shape[0]
+    xy = uv_to_texel(uv.astype(np.float64), S)
+    colours = sample_image(priors.texture.image.astype(np.float32) / 255.0, xy[:, 0], xy[:, 1])
+    col = np.clip(np.rint(xy[:, 0]), 0, S - 1).astype(np.int64)
+    row = np.clip(np.rint(xy[:, 1]), 0, S - 1).astype(np.int64)
+    return colours, priors.texture.source[row, col]
+
+
+def surface_parts(points: np.ndarray, priors: ColourPriors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest body point of each surface point: (part (N,), distance (N,), face (N,), bary (N,3))."""
+    from .mesh_rig import closest_body_points
+
+    face, bary, dist = closest_body_points(points, priors.body_vertices, priors.body_faces, k=6)
+    corner = priors.body_faces[face, bary.argmax(1)]
+    return priors.vertex_part[corner], dist, face, bary
+
+
+def colour_surface(points: np.ndarray, normals: np.ndarray, mesh_vertices: np.ndarray, mesh_faces: np.ndarray,
+                   priors: ColourPriors, unseen_fn=None) -> np.ndarray:
+    """Colours (N,3) in [0,1] of avatar surface points (N,3) with unit normals, on the mesh
+    (mesh_vertices, mesh_faces) that hides them. ``unseen_fn`` (points -> colours), when given,
+    replaces steps 3-4 (e.g. a diffusion-guided field's colour)."""
+    from .render.raster import rasterize
+
+    cam = priors.camera
+    K, w2c = cam.torch(torch.float64)
+    mv = torch.as_tensor(mesh_vertices, dtype=torch.float64)
+    raster = rasterize(mv @ w2c[:3, :3].T + w2c[:3, 3], torch.as_tensor(mesh_faces), K, cam.width, cam.height)
+    depth = raster.depth.numpy()
+    visible, pix = visible_in_photo(points, normals, depth, priors)
+    out = np.zeros((len(points), 3), np.float32)
+    out[visible] = sample_image(priors.photo, pix[visible, 0], pix[visible, 1])
+    rest = np.nonzero(~visible)[0]
+    if len(rest) == 0:
+        return out
+    part, dist, face, bary = surface_parts(points[rest], priors)
+    body_rgb, source = body_texture_lookup(priors, face, bary)
+    near = (dist < NEAR_BODY_M) & ((source == SEEN) | (source == MIRRORED))
+    out[rest[near]] = body_rgb[near]
+    todo = ~near
+    if unseen_fn is not None:
+        if todo.any():
+            out[rest[todo]] = unseen_fn(points[rest[todo]])
+        return out
+    # which body part each photo pixel shows: the nearest body bone of the avatar surface there
+    fid = raster.face_id.numpy()
+    shown = fid >= 0
+    pixel_part = np.full(fid.shape, -1, np.int64)
+    if shown.any():
+        tri = mesh_vertices[mesh_faces]
+        face_part, _, _, _ = surface_parts(tri.mean(1), priors)
+        pixel_part[shown] = face_part[fid[shown]]
+    z = np.median(depth[np.isfinite(depth)]) if np.isfinite(depth).any() else 3.0
+    sigma_px = BLUR_SIGMA_M * float(cam.K[0, 0]) / max(float(z), 1e-3)
+    through, found = through_colours(pix[rest[todo]], part[todo], pixel_part, priors, sigma_px)
+    idx = rest[todo]
+    out[idx[found]] = through[found]
+    out[idx[~found]] = body_rgb[todo][~found]
+    return out
