@@ -157,7 +157,8 @@ def streaming_meshes(out_dir: Path, count: int = 6, resolution: int = 256) -> li
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
     base = np.zeros(grid.shape[:3], np.float32)
     for j in joints:  # each ball only where it matters
-        box = tuple(slice(max(0, int((j[a] - 0.2 - lo[a]) / cell)), int((j[a] + 0.2 - lo[a]) / cell) + 1) for a in range(3))
+        box = tuple(slice(max(0, int((j[a] - 0.2 - lo[a]) / cell)), int((j[a] + 0.2 - lo[a]) / cell) + 1)
+                    for a in range(3))
         base[box] += np.exp(-((grid[box] - j) ** 2).sum(-1) / (2 * 0.05 ** 2))
     paths = []
     for k in range(count):
@@ -211,6 +212,8 @@ def bench_polling(out_dir: Path, quick: bool) -> dict[str, Any]:
         time.sleep(client.POLL_INTERVAL_S)
     client.stop_all(timeout=1.0)
     preview = bpy.context.scene.zeroavatar.preview
+    preview_vertices = len(preview.data.vertices) if preview else 0
+    one_call = one_call_updates([p for p, _, _ in meshes], repeat=14 if quick else 28)
 
     def stats(xs: list[float]) -> dict[str, float]:
         a = np.asarray(xs) * 1000
@@ -219,22 +222,46 @@ def bench_polling(out_dir: Path, quick: bool) -> dict[str, Any]:
                 "max_ms": float(a.max()) if len(a) else float("nan")}
 
     return {"mesh_vertices": [v for _, v, _ in meshes], "mesh_faces": [f for _, _, f in meshes],
-            "status": job.client.state.status, "preview_vertices": len(preview.data.vertices) if preview else 0,
+            "status": job.client.state.status, "preview_vertices": preview_vertices,
             "previews_applied": job.previews_applied, "meshes_streamed": count,
-            **{name: stats(xs) for name, xs in calls.items()}}
+            **{name: stats(xs) for name, xs in calls.items()}, **{name: stats(xs) for name, xs in one_call.items()}}
+
+
+def one_call_updates(paths: list[Path], repeat: int) -> dict[str, list[float]]:
+    """The same meshes applied the way the add-on did before the update was spread over calls:
+    load, check, write and let Blender find the edges, all in one call (for comparison)."""
+    import bpy
+
+    from zeroavatar_blender.addon import scene
+
+    bpy.ops.wm.read_homefile(use_empty=True, use_factory_startup=True)
+    obj = None
+    walls, cpus = [], []
+    for i in range(repeat):
+        w, c = time.perf_counter(), time.process_time()
+        with np.load(paths[i % len(paths)], allow_pickle=False) as z:
+            obj = scene.update_preview_mesh(obj or "one_call", z["vertices"], z["faces"], z["colors"])
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+        time.sleep(0.05)
+    return {"one_call": walls, "one_call_cpu": cpus}
 
 
 def polling_table(result: dict[str, Any]) -> str:
     rows = [("every call (wall)", result["all"]), ("no mesh work (wall)", result["idle"]),
             ("1 read + check (wall)", result["read"]), ("1 read + check (CPU)", result["read_cpu"]),
             ("2 edges (wall)", result["edges"]), ("2 edges (CPU)", result["edges_cpu"]),
-            ("3 write into Blender (wall)", result["apply"]), ("3 write into Blender (CPU)", result["apply_cpu"])]
-    lines = [f"poll_all with streamed meshes of {min(result['mesh_vertices'])}-{max(result['mesh_vertices'])} "
-             f"vertices, {min(result['mesh_faces'])}-{max(result['mesh_faces'])} faces; {result['previews_applied']} of "
-             f"{result['meshes_streamed']} streamed meshes shown (goal: < 20 ms a call)",
+            ("3 write into Blender (wall)", result["apply"]), ("3 write into Blender (CPU)", result["apply_cpu"]),
+            ("before: all in one call (wall)", result["one_call"]),
+            ("before: all in one call (CPU)", result["one_call_cpu"])]
+    verts, faces = result["mesh_vertices"], result["mesh_faces"]
+    lines = [f"poll_all with streamed meshes of {min(verts)}-{max(verts)} vertices, {min(faces)}-{max(faces)} faces; "
+             f"{result['previews_applied']} of {result['meshes_streamed']} streamed meshes shown "
+             "(goal: < 20 ms a call)",
              f"| {'':30} | calls | median ms | p95 ms | max ms |", f"|{'-' * 32}|-------|-----------|--------|--------|"]
-    for name, s in rows:
-        lines.append(f"| {name:30} | {s['calls']:5d} | {s['median_ms']:9.2f} | {s['p95_ms']:6.2f} | {s['max_ms']:6.2f} |")
+    for name, st in rows:
+        lines.append(f"| {name:30} | {st['calls']:5d} | {st['median_ms']:9.2f} | {st['p95_ms']:6.2f} "
+                     f"| {st['max_ms']:6.2f} |")
     return "\n".join(lines)
 
 

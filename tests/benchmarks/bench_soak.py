@@ -166,9 +166,13 @@ def report(samples: list[JobSample], stats: dict[str, float], wall: float) -> li
         f"| {stats['rss_after_warmup_mb']} | {stats['rss_last_mb']} | {stats['rss_growth_mb']} "
         f"| {stats['rss_slope_mb_per_job']} | {stats['fds_after_warmup']} | {stats['fd_growth']} |",
         "",
-        "RSS (MB) at the end of each job: " + ", ".join(f"{s.rss_mb:.0f}" for s in samples) + ".",
+        "RSS (MB) after each job (the batch collects garbage and trims the heap between jobs): "
+        + ", ".join(f"{s.rss_mb:.0f}" for s in samples) + ".",
         "",
-        "Open file descriptors at the end of each job: " + ", ".join(str(s.open_fds) for s in samples) + ".",
+        "Open file descriptors after each job: " + ", ".join(str(s.open_fds) for s in samples) + ".",
+        "",
+        "RSS trend: the least-squares slope over jobs 1 to N; max rise: the largest RSS after a later job "
+        "minus the RSS after job 1 (the first job loads the body model and the detector).",
     ]
     failed = [s for s in samples if not s.complete]
     if failed:
@@ -202,26 +206,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="folder for photos and jobs (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the samples and figures as JSON")
     parser.add_argument("--write-docs", action="store_true", help="update the Soak test section of docs/BENCHMARKS.md")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="report (and --write-docs) the figures of an earlier run's --json instead of running")
+    parser.add_argument("--note", default="", help="a sentence to add under the table (e.g. how busy the machine was)")
     args = parser.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="zeroavatar_soak_"))
-    photos = make_photos(work / "photos", args.jobs)
-    started = time.time()
-    code, samples = run_soak(photos, work / "jobs")
-    wall = time.time() - started
-    stats = growth(samples)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        samples = [JobSample(**s) for s in saved["samples"]]
+        stats, wall, code, work = growth(samples), float(saved["wall_s"]), 0, None
+    else:
+        work = args.work or Path(tempfile.mkdtemp(prefix="zeroavatar_soak_"))
+        photos = make_photos(work / "photos", args.jobs)
+        started = time.time()
+        code, samples = run_soak(photos, work / "jobs")
+        wall = time.time() - started
+        stats = growth(samples)
     print(f"{'job':>4} {'code':>4} {'s':>7} {'RSS MB':>8} {'fds':>4}  complete")
     for s in samples:
         print(f"{s.index:4d} {s.code:4d} {s.seconds:7.2f} {s.rss_mb:8.1f} {s.open_fds:4d}  "
               f"{'yes' if s.complete else 'NO: ' + s.problem}")
     print(json.dumps(stats, indent=1))
     lines = report(samples, stats, wall)
+    if args.note:
+        lines += ["", args.note]
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"stats": stats, "wall_s": wall,
                                          "samples": [s.__dict__ for s in samples]}, indent=1))
     if args.write_docs:
         write_docs(lines)
-    if args.work is None:
+    if work is not None and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if code == 0 and stats["complete"] == len(samples) else 1
 

@@ -165,7 +165,7 @@ def apply_poll(job: ActiveJob, events: list[dict[str, Any]], state: EngineState)
     """What ``poll_all`` does with one job's news: progress, the newest preview mesh, the avatar.
 
     A new preview mesh is spread over three timer calls, so that none holds the UI for long (a
-    40k-vertex mesh costs ~20-30 ms in all): read and check the file, find its edges (numpy),
+    40k-vertex mesh costs ~20 ms of CPU in all): read and check the file, find its edges (numpy),
     write it into the preview object (bpy). Previews are spaced so they take at most ~5% of the
     UI's time.
     """

@@ -233,7 +233,8 @@ class ZEROAVATAR_OT_optimise(bpy.types.Operator):
             quality = "standard"
             self.report({"INFO"}, "Fast quality has no optimisation: optimising at Standard quality")
         try:
-            args = [str(job), *quality_args(context, quality), "--progress", "none", "--device", get_prefs(context).device]
+            args = [str(job), *quality_args(context, quality), "--progress", "none",
+                    "--device", get_prefs(context).device]
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}

@@ -317,7 +317,8 @@ def build_avatar(bundle_dir: Path | str, *, name: str | None = None, collection:
 
 def build_avatar_from_data(bundle: AvatarBundleData, *, name: str | None = None,
                            collection: bpy.types.Collection | None = None, apply_pose: bool = True,
-                           pack_texture: bool = True, key_pose: bool = True) -> tuple[bpy.types.Object, bpy.types.Object]:
+                           pack_texture: bool = True,
+                           key_pose: bool = True) -> tuple[bpy.types.Object, bpy.types.Object]:
     name = name or bundle.subject
     arm = create_armature(name, bundle.bone_names, bundle.bone_rest, bundle.bone_parents, bundle.bone_length,
                           collection)

@@ -2,15 +2,16 @@
 
 The body prior pulls unobserved space towards the bare body, so a skirt that the photo shows
 stays a thin sheet in the reference view and vanishes from the side. Here the person mask and
-the body's own silhouette are "inflated" alike (each pixel's depth half-thickness taken as its
-distance to the silhouette's edge, the round-cross-section guess of sketch-based modelling), and
+the body's own silhouette are "inflated" alike (each horizontal run of the silhouette taken as a
+round cross-section, the guess of sketch-based modelling: a skirt is as deep as it is wide), and
 where the person is thicker than the body the difference becomes an outward offset of the body:
 
     proxy(x) = sdf_body(x) - excess(project(x))
 
-A skirt flaring 20 cm past the legs thus also reaches about 20 cm in front of and behind them,
-while a subject whose clothes are painted on (mask = body silhouette) keeps the body. A dead
-zone absorbs the centimetre or two by which a good fit still misses the mask.
+Beside the body's silhouette the offset also spans the lateral gap, so the proxy fills the whole
+extra silhouette. A skirt flaring 20 cm past the legs thus also reaches about 20 cm in front of
+and behind them, while a subject whose clothes are painted on (mask = body silhouette) keeps the
+body. A dead zone absorbs the centimetre or two by which a good fit still misses the mask.
 """
 
 from __future__ import annotations
@@ -26,27 +27,45 @@ DEAD_ZONE_M = 0.02  # excess thickness below this is fit error, not clothing
 MAX_EXCESS_M = 0.35  # no garment sticks out further from the body than this
 
 
+def row_half_depth(mask: np.ndarray) -> np.ndarray:
+    """Half-depth of each mask pixel if the silhouette's horizontal runs were circular cross-sections
+    (an upright person's limbs and clothes are): sqrt(distance to the run's left edge * distance to
+    its right edge), in pixels. (H,W) bool -> (H,W) float, 0 outside the mask."""
+    m = np.asarray(mask, bool)
+    H, W = m.shape
+    idx = np.broadcast_to(np.arange(W), (H, W))
+    last_out_left = np.maximum.accumulate(np.where(m, -1, idx), axis=1)  # -1: the image border
+    first_out_right = W - 1 - np.maximum.accumulate(np.where(m, -1, W - 1 - idx)[:, ::-1], axis=1)[:, ::-1]
+    left = idx - last_out_left - 0.5
+    right = first_out_right - idx - 0.5
+    return np.where(m, np.sqrt(np.clip(left, 0, None) * np.clip(right, 0, None)), 0.0)
+
+
 def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per_pixel: float, *,
                       dead_zone: float = DEAD_ZONE_M, max_excess: float = MAX_EXCESS_M,
                       smooth_px: float = 1.5) -> np.ndarray:
-    """How much thicker (metres) the person is than the fitted body along each pixel's ray.
+    """How far (metres) from the fitted body the person's surface may reach along each pixel's ray.
 
-    person_mask, body_mask (H,W) bool; ``metres_per_pixel`` at the subject's depth.
-    -> (H,W) float32 >= 0, zero outside the person mask.
+    On the body's silhouette: how much thicker the person is there than the body (difference of
+    the two silhouettes' inflations). Beside it (a skirt's flare, hair): the distance to the body's
+    silhouette combined with the person's own inflation there, so the offset body covers the
+    whole extra silhouette and is as deep as it is wide. Zero outside the person mask, and where
+    the person is within ``dead_zone`` of the body (fit error, painted-on clothes).
+    person_mask, body_mask (H,W) bool; ``metres_per_pixel`` at the subject's depth. -> (H,W) float32.
     """
     person = np.asarray(person_mask, bool)
     body = np.asarray(body_mask, bool)
     if person.shape != body.shape:
         raise ValueError(f"person mask {person.shape} and body mask {body.shape} differ")
-    # distance to the edge inside each silhouette (the image border does not count as an edge:
-    # a half-body photo's cut is not the person's outline)
-    h_person = distance_transform_edt(np.pad(person, 1, mode="edge"))[1:-1, 1:-1]
-    h_body = distance_transform_edt(np.pad(body, 1, mode="edge"))[1:-1, 1:-1]
-    excess = (h_person - h_body) * metres_per_pixel - dead_zone
-    excess = np.clip(excess, 0.0, max_excess) * person
+    h_person = row_half_depth(person) * metres_per_pixel
+    h_body = row_half_depth(body) * metres_per_pixel
+    beside = distance_transform_edt(~body) * metres_per_pixel if body.any() else np.zeros(body.shape)
+    depth = np.maximum(h_person - h_body - dead_zone, 0.0)  # extra half-thickness along the ray
+    reach = np.where(body, depth, np.where(depth > 0, np.hypot(beside, depth), 0.0))
+    reach = np.clip(reach, 0.0, max_excess) * person
     if smooth_px > 0:
-        excess = gaussian_filter(excess, smooth_px) * person
-    return excess.astype(np.float32)
+        reach = gaussian_filter(reach, smooth_px) * person
+    return reach.astype(np.float32)
 
 
 def sample_map(image: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
