@@ -28,7 +28,11 @@ def test_excess_grows_with_the_extra_silhouette_and_stays_inside_the_person():
     excess = silhouette_excess(person, body, metres_per_pixel=0.01, dead_zone=0.02, smooth_px=0)
     assert excess[48, 48] == pytest.approx((30 - 8) * 0.01 - 0.02, abs=0.015)
     assert excess[~person].max() == 0.0
-    assert excess[48, 48] > excess[48, 70] > 0  # thinner towards the outline, like a rounded garment
+    # beside the body it reaches across the gap to the pixel (22 and 29 px from the body's outline)
+    # and beyond it in depth, less so towards the outline, like a rounded garment
+    gap_mid, gap_edge = 0.22 - 0.08, 0.29 - 0.08
+    assert excess[48, 70] > gap_mid and excess[48, 77] > gap_edge
+    assert np.sqrt(excess[48, 77] ** 2 - gap_edge ** 2) < np.sqrt(excess[48, 70] ** 2 - gap_mid ** 2)
     small = silhouette_excess(disk(96, 96, 48, 48, 9), body, metres_per_pixel=0.01, dead_zone=0.02)
     assert small.max() == 0.0  # a pixel of fit error is not a garment
 

@@ -8,7 +8,9 @@ Per step:
     colour on the body's pixels where that texture is known, with a weight that decays;
   * quality ``full``: score distillation from Stable Diffusion through a depth ControlNet,
     conditioned on the body's rendered depth until ``depth_switch_step``, then on the field's own;
-  * a fading body-density prior keeps unobserved space near the body early on.
+  * a fading body-density prior keeps unobserved space near the body; where the person's
+    silhouette is wider than the fitted body's (a skirt, long hair) the prior is the body grown by
+    that excess (priors.py), so a garment is as deep as it is wide instead of a sheet.
 Every ``mesh_every`` steps a marching-cubes preview goes to meshes/ (Blender shows it); every
 ``checkpoint_every`` steps, and on cancel, a checkpoint. Each step seeds the RNGs from
 (seed, step), so ``resume`` continues to the same result as an uninterrupted run.
@@ -67,7 +69,7 @@ class OptimiseConfig:
     w_mask: Any = 0.5
     w_depth_corr: Any = 0.05
     w_uv_prior: Any = ((0, 1.0), (0.7, 0.2))
-    w_body_prior: Any = ((0, 0.05), (0.5, 0.005))
+    w_body_prior: Any = ((0, 0.05), (0.5, 0.02))
     garment_proxy: bool = True  # the body prior grows where the person's silhouette is wider than the body's (priors.py)
     w_sds: Any = 0.0
     depth_switch_step: float = 0.5  # full: ControlNet depth from the body until this fraction, then the field's
@@ -248,13 +250,10 @@ def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, 
     return problem, body, params
 
 
-def prior_surface(prior) -> np.ndarray | None:
-    """Points on the prior's zero level set when it is not the body's (a garment proxy), else None."""
+def level_set_points(sdf) -> np.ndarray | None:
+    """Points on an SDF grid's zero level set (marching-cubes vertices), None when it has none."""
     from .extract import marching_cubes
 
-    sdf = prior.sdf
-    if not bool(getattr(prior, "is_proxy", False)):
-        return None
     mesh = marching_cubes(-sdf.values.cpu().numpy(), 0.0, sdf.origin.cpu().numpy(), sdf.spacing)
     return mesh.vertices.astype(np.float64) if mesh.num_vertices else None
 
@@ -340,7 +339,7 @@ class Optimiser:
             from .priors import garment_proxy_sdf
 
             self.prior = BodyPrior(garment_proxy_sdf(self.prior.sdf, problem.ref_camera, excess), self.prior.config)
-            self.prior.is_proxy = True
+        self.prior_is_proxy = grow > 0
         self.prior = self.prior.to(dev)
         self.renderer = VolumeRenderer(self.aabb, VolumeRendererConfig(n_samples=c.n_samples))
         self.optimizer = torch.optim.Adam([
@@ -394,7 +393,7 @@ class Optimiser:
         rng = np.random.default_rng(self.config.seed)
         surface = sample_surface(self.problem.body_vertices.cpu().numpy().astype(np.float64),
                                  self.problem.body_faces.cpu().numpy(), 50_000, rng)
-        proxy = prior_surface(self.prior)
+        proxy = level_set_points(self.prior.sdf) if self.prior_is_proxy else None
         if proxy is not None:  # the garment proxy's surface, where its level set is decided
             surface = np.concatenate([surface, proxy[rng.choice(len(proxy), 50_000)]])
         report = distill_body_prior(self.field, self.prior, torch.from_numpy(surface).float(),

@@ -10,10 +10,11 @@ hash-grid noise even on the front. So the standard avatar is textured from the p
    path's: the photo, or the left-right mirror of what the photo saw);
 3. the rest (the back of the body, the back of a skirt) take the photo's colour "through" the
    body: a blur of the photo at the point's own projection, over pixels that show the same body
-   part (the dominant bone of the nearest body point). Clothes are cut from one cloth: the back
-   of a shirt is the shirt's colour, not the average of the whole person that a smooth fill
-   gives. The blur spreads a striped front into its mean colour, the least-error guess for a
-   back whose pattern is unknown;
+   part (the chain of the dominant bone of the nearest body point). Clothes are cut from one
+   cloth: the back of a shirt is the shirt's colour. The blur spreads a striped front into its
+   mean colour, the least-error guess for a back whose pattern is unknown. On the body this is
+   averaged with the body texture's smooth fill (the fast path's guess): over the 12 painted
+   synthetic subjects the mean of the two had a lower back-view error than either alone;
 4. whatever is left (a part the photo never shows) takes the body texture's smooth fill.
 
 Frames: world = Blender (metres); the camera and photo are the fit's at the working resolution.
@@ -203,7 +204,10 @@ def colour_surface(points: np.ndarray, normals: np.ndarray, mesh_vertices: np.nd
     z = np.median(depth[np.isfinite(depth)]) if np.isfinite(depth).any() else 3.0
     sigma_px = BLUR_SIGMA_M * float(cam.K[0, 0]) / max(float(z), 1e-3)
     through, found = through_colours(pix[rest[todo]], part[todo], pixel_part, priors, sigma_px)
-    idx = rest[todo]
-    out[idx[found]] = through[found]
-    out[idx[~found]] = body_rgb[todo][~found]
+    fill = body_rgb[todo]
+    on_body = dist[todo] < NEAR_BODY_M
+    # on the body, two guesses for the unseen: the smooth fill over the surface and the colour
+    # carried through; their mean errs less than either (measured over the synthetic set)
+    mixed = np.where(on_body[:, None], 0.5 * (through + fill), through)
+    out[rest[todo]] = np.where(found[:, None], mixed, fill)
     return out
