@@ -5,9 +5,10 @@
 Runs ``cli.main(["batch", ...])`` on copies of a few synthetic photos (fast quality, no export),
 so the body model and the detector load once and are reused, as in a studio batch. After each
 job the batch collects garbage, trims the heap and records the process's resident memory (VmRSS)
-and open file descriptors in batch.json; this prints them job by job, their growth after the first (warm-up) job, and whether every
-result is a complete bundle. ``--write-docs`` puts the figures into docs/BENCHMARKS.md (its own
-"## Soak test" section only). tests/engine/test_soak.py runs the short form in CI.
+and open file descriptors in batch.json; this prints them job by job, their growth after the
+first (warm-up) job, and whether every result is a complete bundle. ``--write-docs`` puts the
+figures into docs/BENCHMARKS.md (its own "## Soak test" section only; ``--from-json`` reuses an
+earlier run's ``--json``). tests/engine/test_soak.py runs the short form in CI.
 """
 
 from __future__ import annotations
