@@ -70,7 +70,7 @@ class ProtocolError(ValueError):
 
 def safe_name(name: str) -> str:
     """Validate a single file/folder name from the other side (no separators, no '..')."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
         raise ProtocolError(f"unsafe name in job folder: {name!r}")
     return name
 

@@ -343,8 +343,6 @@ def test_safe_name_refuses(name):
         protocol.safe_name(name)
 
 
-@pytest.mark.xfail(strict=True, reason="protocol._SAFE_NAME ends in '$', which also matches before a final newline; "
-                                       "fix: _SAFE_NAME.fullmatch(name) (or end the pattern with \\Z)")
 def test_safe_name_refuses_a_trailing_newline():
     with pytest.raises(protocol.ProtocolError):
         protocol.safe_name("step_000001.npz\n")
