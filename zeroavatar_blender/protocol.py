@@ -176,9 +176,24 @@ def make_command(kind: str, **fields: Any) -> dict[str, Any]:
 def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
     """Append one JSON line; a single ``write`` of a short line keeps readers from seeing halves."""
     line = json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n"
+    data = line.encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line.encode("utf-8"))
+        start = os.lseek(fd, 0, os.SEEK_END)
+        written = 0
+        try:
+            while written < len(data):
+                n = os.write(fd, data[written:])
+                if n <= 0:
+                    raise OSError(28, "no space left on device")
+                written += n
+        except OSError:
+            # never leave half a line that the next event would be glued onto
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
     finally:
         os.close(fd)
 

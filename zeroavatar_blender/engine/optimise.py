@@ -562,7 +562,7 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if opt.oom_downscale < 0.1:
-                raise EngineError("the GPU ran out of memory even at a tenth of the batch",
+                raise EngineError("the GPU ran out of memory even at a sixteenth of the batch",
                                   "close other GPU programs or use --device cpu / --quality standard")
             opt.oom_downscale *= 0.5
             job.info(f"GPU out of memory: continuing with {opt.oom_downscale:.0%} of the rays and pixels", "warning")
