@@ -47,6 +47,7 @@ class FinaliseConfig:
     snap_inner: float = 0.01  # metres: closer to the body than this, the surface is the body's
     snap_outer: float = 0.025  # blending to the field's own surface at this distance (0: no snapping)
     colour: str = "photo"  # "photo": surface_colour.py; "field": the field's colour everywhere
+    through_weight: float = 0.5  # unseen body surface: share of the photo carried through (rest: smooth fill)
 
 
 def snap_to_body(vertices: np.ndarray, body_vertices: np.ndarray, body_faces: np.ndarray,
@@ -131,7 +132,8 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     else:
         priors = _colour_priors(job, settings, body, fit, out.vertices[0])
         unseen = field_colour if settings.quality == "full" else None
-        texture = bake_surface_texture(posed_v2, new_faces, corner_uv, priors, settings.texture_size, unseen)
+        texture = bake_surface_texture(posed_v2, new_faces, corner_uv, priors, settings.texture_size, unseen,
+                                       through_weight=fc.through_weight)
     bundle = assemble_avatar(body, params, rest_v2, new_faces, corner_uv, idx2, w2, texture, camera=fit.camera,
                              subject=settings.subject, quality=settings.quality,
                              extra_meta={"source_photo": settings.source_photo, "optimised_steps": int(ckpt["step"]),
@@ -153,7 +155,7 @@ def _colour_priors(job: Job, settings, body, fit, posed_vertices):
 
 
 def bake_surface_texture(posed_v: np.ndarray, faces: np.ndarray, corner_uv: np.ndarray, priors, size: int,
-                         unseen_fn=None) -> np.ndarray:
+                         unseen_fn=None, through_weight: float = 0.5) -> np.ndarray:
     """The avatar's UV texture from the photo and its priors (surface_colour.py). -> (S,S,3) uint8."""
     from scipy.ndimage import distance_transform_edt
 
@@ -171,7 +173,7 @@ def bake_surface_texture(posed_v: np.ndarray, faces: np.ndarray, corner_uv: np.n
         vn = vertex_normals(torch.as_tensor(posed_v), torch.as_tensor(faces)).numpy()
         normals = (vn[faces[f]] * b[:, :, None]).sum(1)
         normals /= np.linalg.norm(normals, axis=1, keepdims=True).clip(1e-12)
-        img[on] = colour_surface(points, normals, posed_v, faces, priors, unseen_fn)
+        img[on] = colour_surface(points, normals, posed_v, faces, priors, unseen_fn, through_weight)
         _, (ri, ci) = distance_transform_edt(~on, return_indices=True)
         img = img[ri, ci]
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)

@@ -13,8 +13,10 @@ hash-grid noise even on the front. So the standard avatar is textured from the p
    part (the chain of the dominant bone of the nearest body point). Clothes are cut from one
    cloth: the back of a shirt is the shirt's colour. The blur spreads a striped front into its
    mean colour, the least-error guess for a back whose pattern is unknown. On the body this is
-   averaged with the body texture's smooth fill (the fast path's guess): over the 12 painted
-   synthetic subjects the mean of the two had a lower back-view error than either alone;
+   averaged with the body texture's smooth fill (the fast path's guess). On the 12 painted
+   synthetic subjects, textured on their true bodies, the mean back-view PSNR was 17.85 dB for
+   this average, 17.69 for the smooth fill and 17.23 for the through colour alone: a small gain
+   that varies from subject to subject (-1.2 to +1.7 dB);
 4. whatever is left (a part the photo never shows) takes the body texture's smooth fill.
 
 Frames: world = Blender (metres); the camera and photo are the fit's at the working resolution.
@@ -35,6 +37,7 @@ MIN_FACING = 0.2  # as the fast path: grazing views of a surface are not trusted
 NEAR_BODY_M = 0.03  # within this of the body a point may use the body's UV texture
 BLUR_SIGMA_M = 0.04  # the through-blur's width on the subject
 MIN_WEIGHT = 0.05  # blurred weight below which a part is taken as unseen at that pixel
+THROUGH_WEIGHT = 0.5  # share of the carried-through colour on unseen body surface (step 3)
 
 
 @dataclass
@@ -167,10 +170,11 @@ def surface_parts(points: np.ndarray, priors: ColourPriors) -> tuple[np.ndarray,
 
 
 def colour_surface(points: np.ndarray, normals: np.ndarray, mesh_vertices: np.ndarray, mesh_faces: np.ndarray,
-                   priors: ColourPriors, unseen_fn=None) -> np.ndarray:
+                   priors: ColourPriors, unseen_fn=None, through_weight: float = THROUGH_WEIGHT) -> np.ndarray:
     """Colours (N,3) in [0,1] of avatar surface points (N,3) with unit normals, on the mesh
     (mesh_vertices, mesh_faces) that hides them. ``unseen_fn`` (points -> colours), when given,
-    replaces steps 3-4 (e.g. a diffusion-guided field's colour)."""
+    replaces steps 3-4 (e.g. a diffusion-guided field's colour). ``through_weight``: the share of
+    the carried-through colour on unseen body surface (the rest is the smooth fill)."""
     from .render.raster import rasterize
 
     cam = priors.camera
@@ -208,6 +212,6 @@ def colour_surface(points: np.ndarray, normals: np.ndarray, mesh_vertices: np.nd
     on_body = dist[todo] < NEAR_BODY_M
     # on the body, two guesses for the unseen: the smooth fill over the surface and the colour
     # carried through; their mean errs less than either (measured over the synthetic set)
-    mixed = np.where(on_body[:, None], 0.5 * (through + fill), through)
+    mixed = np.where(on_body[:, None], through_weight * through + (1 - through_weight) * fill, through)
     out[rest[todo]] = np.where(found[:, None], mixed, fill)
     return out
