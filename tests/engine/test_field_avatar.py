@@ -25,6 +25,17 @@ def test_snap_moves_near_points_onto_the_body_and_leaves_far_ones():
     assert np.allclose(snap_to_body(points, v, f, inner=0.0, outer=0.0), points)  # off
 
 
+def test_hold_keeps_a_garment_close_to_the_body_where_the_photo_shows_one():
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=0.3)
+    v, f = np.asarray(sphere.vertices), np.asarray(sphere.faces)
+    points = np.array([[0.0, 0.0, 0.31], [0.31, 0.0, 0.0], [0.0, 0.31, 0.0]])  # 1 cm out: snapped without evidence
+    out = snap_to_body(points, v, f, inner=0.02, outer=0.05, hold=np.array([0.0, 1.0, 0.5]))
+    r = np.linalg.norm(out, axis=1)
+    assert r[0] == pytest.approx(0.3, abs=1e-3)
+    assert np.allclose(out[1], points[1])
+    assert 0.3 + 2e-3 < r[2] < 0.31 - 2e-3
+
+
 def test_finalise_settings_override_and_reject_unknown_names():
     settings = JobSettings()
     assert finalise_config(settings) == FinaliseConfig()

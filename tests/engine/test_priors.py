@@ -8,7 +8,7 @@ import torch
 
 from zeroavatar_blender.engine.cameras import Camera, intrinsics, look_at
 from zeroavatar_blender.engine.field.body_prior import SdfGrid
-from zeroavatar_blender.engine.priors import garment_proxy_sdf, silhouette_excess
+from zeroavatar_blender.engine.priors import excess_at_points, garment_proxy_sdf, run_extra_width, silhouette_excess
 
 
 def disk(h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
@@ -35,6 +35,23 @@ def test_excess_grows_with_the_extra_silhouette_and_stays_inside_the_person():
     assert np.sqrt(excess[48, 77] ** 2 - gap_edge ** 2) < np.sqrt(excess[48, 70] ** 2 - gap_mid ** 2)
     small = silhouette_excess(disk(96, 96, 48, 48, 9), body, metres_per_pixel=0.01, dead_zone=0.02)
     assert small.max() < 0.01  # a pixel of fit error is not a garment (a few mm where runs are short)
+
+
+def test_a_gap_the_fit_leaves_between_two_body_runs_is_not_a_garment():
+    # an arm beside the torso: the body's silhouette leaves a 2 px armpit gap that the person's fills;
+    # the joined run inflates far thicker than the arm or the torso, but only the gap is extra
+    body = np.zeros((40, 80), bool)
+    body[5:35, 10:22] = True  # arm
+    body[5:35, 24:60] = True  # torso
+    person = body.copy()
+    person[15:18, 22:24] = True  # the armpit rows where the photo's mask joins them
+    extra = run_extra_width(person, body)
+    assert extra[16, 30] == 2 and extra[10, 30] == 0 and extra[~person].max() == 0
+    excess = silhouette_excess(person, body, metres_per_pixel=0.01, dead_zone=0.02, smooth_px=0)
+    assert excess.max() == 0.0
+    wide = person.copy()
+    wide[15:18, 60:75] = True  # a real flap of cloth beside the torso on those rows is kept
+    assert silhouette_excess(wide, body, metres_per_pixel=0.01, dead_zone=0.02, smooth_px=0)[16, 40] > 0.05
 
 
 def test_mask_shape_mismatch_is_an_error():
@@ -71,3 +88,14 @@ def test_proxy_checks_the_map_size():
     cam = Camera(intrinsics(64, 48, 100.0), look_at(np.array([0.0, -3.0, 0.0]), np.zeros(3)), 64, 48)
     with pytest.raises(ValueError, match="does not match"):
         garment_proxy_sdf(sphere_grid(), cam, np.zeros((64, 64), np.float32))
+
+
+def test_excess_at_points_reads_the_map_along_each_ray():
+    cam = Camera(intrinsics(64, 64, 160.0), look_at(np.array([0.0, -3.0, 0.0]), np.zeros(3)), 64, 64)
+    excess = np.zeros((64, 64), np.float32)
+    excess[:, :32] = 0.1
+    pts = np.array([[-0.3, 0.0, 0.0], [-0.3, 0.5, 0.0], [0.3, 0.0, 0.0], [0.0, -4.0, 0.0]])  # image left, behind it, right, behind the camera
+    e = excess_at_points(pts, cam, excess)
+    left = cam.project(pts[:1])[0, 0] < 32
+    assert left and e[0] == pytest.approx(0.1) and e[1] == pytest.approx(0.1)
+    assert e[2] == 0.0 and e[3] == 0.0

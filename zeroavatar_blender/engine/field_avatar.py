@@ -44,16 +44,18 @@ class FinaliseConfig:
     resolution_gpu: int = 320
     level_ratio: float = 1.0  # iso-level as a fraction of the field's surface density
     smooth_iterations: int = 5
-    snap_inner: float = 0.01  # metres: closer to the body than this, the surface is the body's
-    snap_outer: float = 0.025  # blending to the field's own surface at this distance (0: no snapping)
+    snap_inner: float = 0.02  # metres: closer to the body than this, the surface is the body's
+    snap_outer: float = 0.05  # blending to the field's own surface at this distance (0: no snapping)
+    garment_hold: float = 0.03  # metres of silhouette excess at which the field's surface is kept unsnapped (0: off)
     colour: str = "photo"  # "photo": surface_colour.py; "field": the field's colour everywhere
     through_weight: float = 0.5  # unseen body surface: share of the photo carried through (rest: smooth fill)
 
 
 def snap_to_body(vertices: np.ndarray, body_vertices: np.ndarray, body_faces: np.ndarray,
-                 inner: float, outer: float) -> np.ndarray:
+                 inner: float, outer: float, hold: np.ndarray | None = None) -> np.ndarray:
     """Move surface points near the body onto it: fully within ``inner`` metres, not at all
-    beyond ``outer``, smoothly between. (N,3) -> (N,3)."""
+    beyond ``outer``, smoothly between. ``hold`` (N,) in [0,1]: the share of a point's own
+    position kept whatever its distance (where the photo shows a garment). (N,3) -> (N,3)."""
     from .mesh_rig import closest_body_points
 
     if outer <= 0 or len(vertices) == 0:
@@ -62,7 +64,31 @@ def snap_to_body(vertices: np.ndarray, body_vertices: np.ndarray, body_faces: np
     closest = (body_vertices[body_faces[face]] * bary[:, :, None]).sum(1)
     t = np.clip((dist - inner) / max(outer - inner, 1e-9), 0.0, 1.0)
     keep = t * t * (3 - 2 * t)  # smoothstep: no crease where snapping ends
+    if hold is not None:
+        keep = np.maximum(keep, np.clip(hold, 0.0, 1.0))
     return closest + (vertices - closest) * keep[:, None]
+
+
+def garment_hold(job: Job, settings, fit, body_vertices: torch.Tensor, body_faces: np.ndarray, field_cfg: dict,
+                 points: np.ndarray, full_at: float) -> np.ndarray | None:
+    """Where the photo's silhouette shows more than the fitted body (priors.py), how much of the
+    field's own surface to keep: 0 with no evidence, 1 where the excess reaches ``full_at``
+    metres. None when the field was optimised without the garment prior. (N,3) -> (N,)."""
+    from .imageio import load_photo
+    from .optimise import radius_guess, reference_excess, reference_view
+    from .perception import Perception
+    from .priors import excess_at_points
+
+    if not field_cfg.get("garment_proxy", False) or full_at <= 0:
+        return None
+    photo = load_photo(job.root / settings.photo)
+    perception = Perception.load(job.layout.perception)
+    posed = body_vertices.detach().float().cpu()
+    faces = torch.as_tensor(body_faces, dtype=torch.long)
+    cam, _, mask, depth = reference_view(photo.rgb, perception.mask, fit.camera.scaled(photo.scale), posed, faces,
+                                         int(field_cfg.get("ref_resolution", 256)))
+    excess = reference_excess(mask, depth, cam, radius_guess(fit, posed))
+    return np.clip(excess_at_points(points, cam, excess) / full_at, 0.0, 1.0)
 
 
 def finalise_config(settings) -> FinaliseConfig:
@@ -103,8 +129,9 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     job.check_cancel()
     target_faces = int(settings.extra.get("target_faces", 40_000))
     mesh = clean_mesh(mesh, CleanupConfig(target_faces=0, smooth_iterations=fc.smooth_iterations))
-    mesh = MeshData(snap_to_body(mesh.vertices.astype(np.float64), body_v, body_f, fc.snap_inner, fc.snap_outer),
-                    mesh.faces)
+    verts = mesh.vertices.astype(np.float64)
+    hold = garment_hold(job, settings, fit, out.vertices[0], body_f, cfg, verts, fc.garment_hold)
+    mesh = MeshData(snap_to_body(verts, body_v, body_f, fc.snap_inner, fc.snap_outer, hold), mesh.faces)
     if target_faces:
         mesh = decimate(mesh, target_faces)
     posed_v, faces = mesh.vertices.astype(np.float64), mesh.faces.astype(np.int64)

@@ -197,7 +197,6 @@ def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, 
     from .imageio import load_photo
     from .perception import Perception
     from .pipeline import load_job_body
-    from .render.raster import rasterize
     from .texture import EMPTY, SMOOTHED, bake_photo_texture
 
     device = torch.device(config.device)
@@ -214,26 +213,10 @@ def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, 
     known = ((tex.source != EMPTY) & (tex.source != SMOOTHED)).astype(np.float32)
     uv_texture = torch.cat([torch.from_numpy(tex.image).float() / 255, torch.from_numpy(known)[..., None]], -1)
 
-    # the reference view at a working resolution
-    scale = config.ref_resolution / max(photo.rgb.shape[:2])
-    ref_cam = work_cam.scaled(scale)
-    H, W = ref_cam.height, ref_cam.width
-    rgb = torch.from_numpy(np.array(photo.rgb)).permute(2, 0, 1)[None].float() / 255
-    ref_rgb = F.interpolate(rgb, size=(H, W), mode="area")[0].permute(1, 2, 0)
-    pmask = perception.mask if perception.mask is not None else np.ones(photo.rgb.shape[:2], np.float32)
-    ref_mask = F.interpolate(torch.from_numpy(np.asarray(pmask, np.float32))[None, None], size=(H, W), mode="area")[0, 0]
-    K, w2c = ref_cam.torch(torch.float32)
-    v_cam = posed @ w2c[:3, :3].T + w2c[:3, 3]
     faces = torch.as_tensor(body.faces, dtype=torch.long)
-    ref_depth = rasterize(v_cam, faces, K, W, H).depth
-
-    excess = None
-    if config.garment_proxy:
-        from .priors import silhouette_excess
-
-        body_px = torch.isfinite(ref_depth)
-        z = float(ref_depth[body_px].median()) if bool(body_px.any()) else radius_guess(fit, posed)
-        excess = silhouette_excess(ref_mask.numpy() > 0.5, body_px.numpy(), z / float(ref_cam.K[0, 0]))
+    ref_cam, ref_rgb, ref_mask, ref_depth = reference_view(photo.rgb, perception.mask, work_cam, posed, faces,
+                                                           config.ref_resolution)
+    excess = reference_excess(ref_mask, ref_depth, ref_cam, radius_guess(fit, posed)) if config.garment_proxy else None
 
     lo, hi = posed.min(0).values.numpy(), posed.max(0).values.numpy()
     target = (lo + hi) / 2
@@ -248,6 +231,34 @@ def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, 
         silhouette_excess=excess,
     )
     return problem, body, params
+
+
+def reference_view(photo_rgb: np.ndarray, mask: np.ndarray | None, work_cam: Camera, posed: torch.Tensor,
+                   faces: torch.Tensor, resolution: int) -> tuple[Camera, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The photo at a working resolution (long side ``resolution``): (camera, rgb (H,W,3),
+    person mask (H,W), the fitted body's depth (H,W), +inf off it)."""
+    from .render.raster import rasterize
+
+    scale = resolution / max(photo_rgb.shape[:2])
+    ref_cam = work_cam.scaled(scale)
+    H, W = ref_cam.height, ref_cam.width
+    rgb = torch.from_numpy(np.array(photo_rgb)).permute(2, 0, 1)[None].float() / 255
+    ref_rgb = F.interpolate(rgb, size=(H, W), mode="area")[0].permute(1, 2, 0)
+    pmask = mask if mask is not None else np.ones(photo_rgb.shape[:2], np.float32)
+    ref_mask = F.interpolate(torch.from_numpy(np.asarray(pmask, np.float32))[None, None], size=(H, W), mode="area")[0, 0]
+    K, w2c = ref_cam.torch(torch.float32)
+    v_cam = posed @ w2c[:3, :3].T + w2c[:3, 3]
+    ref_depth = rasterize(v_cam, faces, K, W, H).depth
+    return ref_cam, ref_rgb, ref_mask, ref_depth
+
+
+def reference_excess(ref_mask: torch.Tensor, ref_depth: torch.Tensor, ref_cam: Camera, fallback_depth: float) -> np.ndarray:
+    """Metres the person is thicker than the fitted body along each reference pixel (priors.py)."""
+    from .priors import silhouette_excess
+
+    body_px = torch.isfinite(ref_depth)
+    z = float(ref_depth[body_px].median()) if bool(body_px.any()) else fallback_depth
+    return silhouette_excess(ref_mask.numpy() > 0.5, body_px.numpy(), z / float(ref_cam.K[0, 0]))
 
 
 def level_set_points(sdf) -> np.ndarray | None:
@@ -280,8 +291,9 @@ def sample_reference_pixels(mask: torch.Tensor, n: int, generator: torch.Generat
     dil = F.max_pool2d(mask[None, None], 7, stride=1, padding=3)[0, 0].reshape(-1) > 0.05
     inside = torch.nonzero(dil).squeeze(1)
     n_in = n // 2 if len(inside) else 0
-    pick_in = inside[torch.randint(len(inside), (n_in,), generator=generator)] if n_in else inside[:0]
-    pick_any = torch.randint(H * W, (n - n_in,), generator=generator)
+    # draws on the (CPU) generator whatever the mask's device: the same pixels on every device
+    pick_in = inside[torch.randint(len(inside), (n_in,), generator=generator).to(inside.device)] if n_in else inside[:0]
+    pick_any = torch.randint(H * W, (n - n_in,), generator=generator).to(inside.device)
     return torch.cat([pick_in, pick_any])
 
 
@@ -341,7 +353,7 @@ class Optimiser:
             self.prior = BodyPrior(garment_proxy_sdf(self.prior.sdf, problem.ref_camera, excess), self.prior.config)
         self.prior_is_proxy = grow > 0
         self.prior = self.prior.to(dev)
-        self.renderer = VolumeRenderer(self.aabb, VolumeRendererConfig(n_samples=c.n_samples))
+        self.renderer = VolumeRenderer(self.aabb, VolumeRendererConfig(n_samples=c.n_samples), on_message=job.info)
         self.optimizer = torch.optim.Adam([
             {"params": self.field.encoding.parameters(), "lr": c.lr_encoding},
             {"params": list(self.field.density_mlp.parameters()) + list(self.field.color_mlp.parameters()), "lr": c.lr_mlp},

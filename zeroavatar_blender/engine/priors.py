@@ -41,6 +41,22 @@ def row_half_depth(mask: np.ndarray) -> np.ndarray:
     return np.where(m, np.sqrt(np.clip(left, 0, None) * np.clip(right, 0, None)), 0.0)
 
 
+def run_extra_width(person: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """For each person pixel, how many pixels of its horizontal run of the person mask the body
+    does not cover (the run's extra width). Where a run merely joins two body runs across a gap
+    of a pixel or two (the armpit, the crotch: the fit misses the mask there) this is small, even
+    though the joined run's inflation is far thicker than either body run's.
+    (H,W) bool -> (H,W) float, 0 outside the person mask."""
+    m = np.asarray(person, bool)
+    H, W = m.shape
+    starts = m & ~np.pad(m, ((0, 0), (1, 0)))[:, :-1]
+    run = np.cumsum(starts.ravel()).reshape(H, W) * m  # 0 outside runs, ids from 1
+    n = int(run.max()) + 1
+    total = np.bincount(run.ravel(), minlength=n)
+    covered = np.bincount(run.ravel(), weights=(m & np.asarray(body, bool)).ravel(), minlength=n)
+    return np.where(m, (total - covered)[run], 0.0).astype(np.float64)
+
+
 def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per_pixel: float, *,
                       dead_zone: float = DEAD_ZONE_M, max_excess: float = MAX_EXCESS_M,
                       smooth_px: float = 1.5) -> np.ndarray:
@@ -49,8 +65,10 @@ def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per
     On the body's silhouette: how much thicker the person is there than the body (difference of
     the two silhouettes' inflations). Beside it (a skirt's flare, hair): the distance to the body's
     silhouette combined with the person's own inflation there, so the offset body covers the
-    whole extra silhouette and is as deep as it is wide. Zero outside the person mask, and where
-    the person is within ``dead_zone`` of the body (fit error, painted-on clothes).
+    whole extra silhouette and is as deep as it is wide. The extra thickness of a row's run is
+    capped by that run's extra width, so two body runs joined across a gap the fit leaves (the
+    armpits) are not a garment. Zero outside the person mask, and where the person is within
+    ``dead_zone`` of the body (fit error, painted-on clothes).
     person_mask, body_mask (H,W) bool; ``metres_per_pixel`` at the subject's depth. -> (H,W) float32.
     """
     person = np.asarray(person_mask, bool)
@@ -60,7 +78,9 @@ def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per
     h_person = row_half_depth(person) * metres_per_pixel
     h_body = row_half_depth(body) * metres_per_pixel
     beside = distance_transform_edt(~body) * metres_per_pixel if body.any() else np.zeros(body.shape)
-    depth = np.maximum(h_person - h_body - dead_zone, 0.0)  # extra half-thickness along the ray
+    # extra half-thickness along the ray, at most the run's extra width (see run_extra_width)
+    extra = run_extra_width(person, body) * metres_per_pixel
+    depth = np.maximum(np.minimum(h_person - h_body, extra) - dead_zone, 0.0)
     reach = np.where(body, depth, np.where(depth > 0, np.hypot(beside, depth), 0.0))
     reach = np.clip(reach, 0.0, max_excess) * person
     if smooth_px > 0:
@@ -95,3 +115,14 @@ def garment_proxy_sdf(sdf: SdfGrid, camera: Camera, excess: np.ndarray | torch.T
     offset = sample_map(excess_t, pix.float()) * (z > 0)
     values = sdf.values.cpu() - offset.reshape(X, Y, Z)
     return SdfGrid(values.to(sdf.values.device), sdf.origin, sdf.spacing)
+
+
+def excess_at_points(points: np.ndarray, camera: Camera, excess: np.ndarray) -> np.ndarray:
+    """The silhouette excess (metres) along each point's ray in ``camera`` (whose image is the
+    map's): the evidence the photo gives of a garment at and behind that pixel.
+    (N,3) world -> (N,) float, 0 outside the image or behind the camera."""
+    K, w2c = camera.torch(torch.float64)
+    cam = torch.as_tensor(np.asarray(points, np.float64)) @ w2c[:3, :3].T + w2c[:3, 3]
+    z = cam[:, 2]
+    pix = (cam @ K.T)[:, :2] / z.clamp_min(1e-6)[:, None]
+    return (sample_map(torch.as_tensor(excess, dtype=torch.float32), pix.float()) * (z > 0)).numpy()

@@ -239,3 +239,26 @@ def test_cpu_sampler_and_cuda_occupancy_grid_render_the_same_image():
     hit = cpu.opacity[:, 0] > 0.99
     assert (gpu.depth.cpu()[hit] - cpu.depth[hit]).abs().max().item() < 0.01
     assert gpu.n_samples < cpu.n_samples  # the grid skipped empty space
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU")
+def test_cuda_box_without_the_marcher_renders_with_the_dense_sampler_on_the_gpu(monkeypatch):
+    """No nvcc (most artists' machines) or a failed nerfacc build: a CUDA run still renders, the
+    same image as the CPU path, and says why it is slower."""
+    from zeroavatar_blender.engine.render import volume
+
+    monkeypatch.setattr(volume, "cuda_marcher_status", lambda on_message=None: (False, "no nvcc (test)"))
+    told: list[str] = []
+    renderer = VolumeRenderer(BOX.cuda(), VolumeRendererConfig(n_samples=256), on_message=told.append)
+    assert renderer.backend == "dense" and renderer.fallback_reason == "no nvcc (test)"
+    assert told and "no nvcc (test)" in told[0]
+    ball = Ball(radius=0.45, centre=(0.1, 0.0, 0.05))
+    ball.centre = ball.centre.cuda()
+    renderer.fill(ball)
+    rays_cpu, _ = front_camera_rays(32)
+    gpu = renderer.render(ball, RayBundle(rays_cpu.origins.cuda(), rays_cpu.directions.cuda()),
+                          background=torch.ones(3, device="cuda"))
+    cpu = render_dense(Ball(radius=0.45, centre=(0.1, 0.0, 0.05)), rays_cpu, BOX, n_samples=256,
+                       background=torch.ones(3))
+    assert (gpu.rgb.cpu() - cpu.rgb).abs().max().item() < 0.02

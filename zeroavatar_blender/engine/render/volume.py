@@ -8,7 +8,8 @@ Two samplers, one compositing rule (nerfacc's):
   marks empty are not evaluated (density 0): the body fills a few percent of its box.
 * CUDA (``OccupancyGridRenderer``): nerfacc's ``OccGridEstimator`` marches only through occupied
   cells of a grid kept up to date from the field's density; ``nerfacc.rendering`` composites the
-  packed samples. nerfacc compiles its CUDA extension on first use (needs nvcc).
+  packed samples. nerfacc compiles its CUDA extension on first use (needs nvcc); where it cannot
+  (no toolkit, a failed build: ``cuda_marcher.py``) a CUDA box takes the dense sampler on the GPU.
 
 Both give RGB, opacity (the mask), expected depth (0 where nothing was hit) and, optionally,
 weight-accumulated normals, composited over a background colour.
@@ -17,6 +18,7 @@ weight-accumulated normals, composited over a background colour.
 from __future__ import annotations
 
 from dataclasses import dataclass, field as dataclass_field
+from collections.abc import Callable
 from typing import Literal
 
 import nerfacc
@@ -24,6 +26,7 @@ import torch
 
 from ..cameras import camera_rays
 from ..field.nerf import RadianceField
+from .cuda_marcher import cuda_marcher_status
 
 BackgroundMode = Literal["random", "noise", "white", "black"]
 
@@ -324,14 +327,22 @@ class VolumeRenderer:
     changing density; it refreshes every ``occupancy.update_every`` steps) and ``render`` per view.
     """
 
-    def __init__(self, aabb: torch.Tensor, config: VolumeRendererConfig | None = None) -> None:
+    def __init__(self, aabb: torch.Tensor, config: VolumeRendererConfig | None = None,
+                 on_message: Callable[[str], None] | None = None) -> None:
         self.config = config or VolumeRendererConfig()
         self.aabb = aabb
         c = self.config
         self.grid: OccupancyGridRenderer | None = None
         self.cpu_grid: DenseOccupancy | None = None
+        self.fallback_reason = ""  # why a CUDA box renders with the dense sampler
         if aabb.device.type == "cuda" and c.use_occupancy_grid:
-            self.grid = OccupancyGridRenderer(aabb, c.occupancy)
+            usable, self.fallback_reason = cuda_marcher_status(on_message)
+            if usable:
+                self.grid = OccupancyGridRenderer(aabb, c.occupancy)
+            else:
+                if on_message is not None:
+                    on_message(f"Rendering with the dense sampler on the GPU: {self.fallback_reason}")
+                self.cpu_grid = DenseOccupancy(aabb, c.cpu_occupancy_resolution, c.occupancy.ema_decay)
         elif c.use_occupancy_grid:
             self.cpu_grid = DenseOccupancy(aabb, c.cpu_occupancy_resolution, c.occupancy.ema_decay)
 

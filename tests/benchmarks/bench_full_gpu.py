@@ -1,0 +1,152 @@
+"""A default `full` run end to end on a GPU, with full-size random-weight SD1.5 + depth ControlNet:
+`python -m tests.benchmarks.bench_full_gpu --job FITTED_JOB [--weights DIR] [--json OUT]`.
+
+The run's speed does not depend on the weights' values, so the diffusion models are built from
+SD1.5's and control_v11f1p_sd15_depth's configs (``bench_sds_gpu``) with random weights and saved
+as diffusers folders (fp16, ~2.6 GB, once per ``--weights`` folder); the engine then loads them
+through the same weight discovery users go through. ``FITTED_JOB`` is a job folder after `fit`
+(any body); it is copied, so it can be reused. The engine runs as users run it
+(``python -m zeroavatar_blender.engine optimise COPY --quality full``, then ``finalise COPY``; no
+FBX/GLB export: that needs Blender and is timed by the CPU benchmarks), in a subprocess, and its event stream gives the
+time per stage, SDS steps/s and peak GPU memory (``cuda_peak_mb`` of the ``done`` event).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tests.benchmarks.bench_sds_gpu import CLIP_L14_TEXT, SD15_CONTROLNET_DEPTH, SD15_UNET, SD_SCHEDULER, SD_VAE
+from tests.engine.guidance.tiny_models import write_tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def save_random_sd15(folder: Path, device: torch.device) -> tuple[Path, Path]:
+    """Full-size random SD1.5 (diffusers pipeline folder) + depth ControlNet (model folder), fp16."""
+    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sd_dir, cn_dir = folder / "sd15", folder / "controlnet_depth"
+    if (sd_dir / "model_index.json").is_file() and (cn_dir / "config.json").is_file():
+        return sd_dir, cn_dir
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET).half()
+        controlnet = ControlNetModel(**SD15_CONTROLNET_DEPTH).half()
+        vae = AutoencoderKL(**SD_VAE).half()
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT)).half()
+    with tempfile.TemporaryDirectory() as tmp:  # a small BPE vocabulary: prompts still encode
+        tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(Path(tmp))), local_files_only=True)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(sd_dir), safe_serialization=True)
+    shutil.rmtree(sd_dir / "tokenizer")
+    write_tiny_tokenizer(sd_dir / "tokenizer")
+    controlnet.save_pretrained(str(cn_dir), safe_serialization=True)
+    del pipe, unet, controlnet, vae, text_encoder
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return sd_dir, cn_dir
+
+
+def summarise(events: list[dict]) -> dict:
+    """Stage wall times, optimisation steps/s and memory from a job's events."""
+    from zeroavatar_blender.evaluation.benchmark import stage_seconds
+
+    out: dict = {"stages_s": stage_seconds(events)}
+    progress = [e for e in events if e["type"] == "progress" and e.get("stage") == "optimise"]
+    if len(progress) >= 2:
+        a, b = progress[0], progress[-1]
+        if b["time"] > a["time"]:
+            out["optimise_steps_per_s"] = (b["step"] - a["step"]) / (b["time"] - a["time"])
+        out["last_step"] = b["step"]
+        out["total_steps"] = b.get("total")
+    dones = [e for e in events if e["type"] == "done"]  # one per engine process (optimise, finalise)
+    for key in ("cuda_peak_mb", "peak_rss_mb"):
+        values = [e[key] for e in dones if key in e]
+        if values:
+            out[key] = max(values)
+    if dones:
+        out["status"] = [e["status"] for e in dones]
+    out["meshes_streamed"] = sum(1 for e in events if e["type"] == "mesh")
+    distilled = [e["message"] for e in events if e["type"] == "message" and "initialised from the body" in e["message"]]
+    if distilled:
+        out["distill_message"] = distilled[0]
+    out["messages"] = [e["message"] for e in events if e["type"] in ("message", "stage")][:30]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--job", type=Path, required=True, help="a job folder after `fit`")
+    p.add_argument("--weights", type=Path, default=Path(tempfile.gettempdir()) / "zeroavatar_random_sd15")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: full's default)")
+    p.add_argument("--timeout", type=float, default=540, help="seconds before the run is stopped (then "
+                   "the time of a whole run is extrapolated from the steps made)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--keep", type=Path, default=None, help="copy the run's job folder here afterwards")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="check the script without CUDA (give --weights a folder of small models and few --steps)")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.allow_cpu:
+        print("bench_full_gpu needs a CUDA GPU; none is visible to torch here.", file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    sd_dir, cn_dir = save_random_sd15(args.weights, torch.device("cuda" if cuda else "cpu"))
+    weights_s = time.perf_counter() - t0
+    work = Path(tempfile.mkdtemp(prefix="za_full_"))
+    job = work / "job"
+    shutil.copytree(args.job, job, ignore=shutil.ignore_patterns("checkpoints", "meshes", "result", "exports"))
+    settings = json.loads((job / "job.json").read_text())
+    settings["export"] = False
+    (job / "job.json").write_text(json.dumps(settings, indent=1))
+    (job / "events.jsonl").unlink(missing_ok=True)
+
+    base = [sys.executable, "-m", "zeroavatar_blender.engine"]
+    optimise = base + ["optimise", str(job), "--quality", "full", "--device", "cuda" if cuda else "cpu", "--allow-slow", "--sd-weights", str(sd_dir),
+                       "--controlnet-weights", str(cn_dir), "--progress", "lines"]
+    if args.steps is not None:
+        optimise += ["--steps", str(args.steps)]
+    finalise = base + ["finalise", str(job), "--progress", "lines"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    started = time.perf_counter()
+    rc, timed_out = None, False
+    for cmd in (optimise, finalise):
+        print("running:", " ".join(cmd), flush=True)
+        left = args.timeout - (time.perf_counter() - started)
+        try:
+            rc = subprocess.run(cmd, env=env, timeout=max(left, 1)).returncode
+        except subprocess.TimeoutExpired:
+            rc, timed_out = None, True
+        if rc != 0:
+            break
+    wall = time.perf_counter() - started
+    events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines() if line.strip()]
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "weights_build_s": weights_s,
+              "returncode": rc, "timed_out": timed_out, "wall_s": wall, **summarise(events)}
+    if timed_out and result.get("optimise_steps_per_s") and result.get("total_steps"):
+        left = result["total_steps"] - result["last_step"]
+        result["extrapolated_total_s"] = wall + left / result["optimise_steps_per_s"]
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.keep:
+        shutil.copytree(job, args.keep, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("checkpoints", "*.pt"))
+    return 0 if rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
