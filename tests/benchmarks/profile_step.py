@@ -1,0 +1,139 @@
+"""Where an optimisation step's time goes: `python -m tests.benchmarks.profile_step --job FITTED_JOB`.
+
+Builds the optimiser exactly as a run does (``build_problem``, ``Optimiser``, body distillation)
+on a copy of a fitted job, runs ``--warmup`` steps, then times ``--steps`` steps twice: once with
+a per-part wall-clock breakdown (reference-view render, novel-view render, UV-prior raster, SDS,
+body prior; the device is synchronised around each part, so the parts add up), once under
+``torch.profiler`` for the top operators. For `full`, pass the weights as for the engine
+(``--sd-weights``/``--controlnet-weights``; ``bench_full_gpu.save_random_sd15`` makes full-size
+random ones). Works on the CPU too (slowly), which is how the script itself is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(name: str, fn, totals: dict[str, float], device: torch.device):
+    def wrapper(*a, **k):
+        _sync(device)
+        t = time.perf_counter()
+        with torch.profiler.record_function(name):
+            out = fn(*a, **k)
+        _sync(device)
+        totals[name] += time.perf_counter() - t
+        return out
+    return wrapper
+
+
+def main(argv: list[str] | None = None) -> int:
+    from zeroavatar_blender.engine import optimise as opt_mod
+    from zeroavatar_blender.engine.job import Job
+    from zeroavatar_blender.engine.pipeline import JobSettings, resolve_device
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--job", type=Path, required=True)
+    p.add_argument("--quality", choices=("standard", "full"), default="standard")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--at-step", type=float, default=0.5, help="profile as if at this fraction of the run "
+                   "(schedules such as the novel-view size depend on it)")
+    p.add_argument("--sd-weights", default=None)
+    p.add_argument("--controlnet-weights", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="OptimiseConfig override")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="za_profile_")) / "job"
+    shutil.copytree(args.job, work, ignore=shutil.ignore_patterns("checkpoints", "meshes", "result", "exports"))
+    job = Job(work)
+    job.open()
+    settings = JobSettings.load(job)
+    settings.quality, settings.device = args.quality, args.device
+    settings.sd_weights, settings.controlnet_weights = args.sd_weights, args.controlnet_weights
+    device = resolve_device(settings.device)
+    config = opt_mod.OptimiseConfig.for_quality(args.quality, device, None, settings.seed)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        config = dataclasses.replace(config, **{key: json.loads(value)})
+    guidance = prompts = None
+    if args.quality == "full":
+        guidance, prompts = opt_mod._check_full_quality(job, settings, device)
+    problem, _, _ = opt_mod.build_problem(job, settings, config)
+    opt = opt_mod.Optimiser(job, problem, guidance, prompts)
+    dev = torch.device(device)
+    t = time.perf_counter()
+    opt.initialise()
+    _sync(dev)
+    init_s = time.perf_counter() - t
+    opt.step = int(args.at_step * config.steps)
+
+    totals: dict[str, float] = defaultdict(float)
+    renders = {"n": 0}
+    plain_render = opt.renderer.render
+
+    def render(field, rays, **k):  # the first render of a step is the reference view
+        renders["n"] += 1
+        name = "render_reference" if renders["n"] % (1 + config.novel_views) == 1 else "render_novel"
+        return _timed(name, plain_render, totals, dev)(field, rays, **k)
+
+    opt.renderer.render = render
+    opt_mod.render_body_prior = _timed("uv_prior_raster", opt_mod.render_body_prior, totals, dev)
+    from zeroavatar_blender.engine.field import body_prior as body_prior_mod  # train_step imports it per call
+
+    body_prior_mod.prior_loss = _timed("body_prior", body_prior_mod.prior_loss, totals, dev)
+    opt.renderer.update = _timed("grid_update", opt.renderer.update, totals, dev)
+    if guidance is not None:
+        opt.guidance = _timed("sds", opt.guidance, totals, dev)
+
+    for _ in range(args.warmup):
+        opt.train_step()
+    totals.clear()
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        opt.train_step()
+    _sync(dev)
+    step_s = (time.perf_counter() - t) / args.steps
+    parts = {k: v / args.steps for k, v in totals.items()}
+    parts["rest (losses, backward, Adam, read-backs)"] = step_s - sum(parts.values())
+    print(f"{args.quality} on {device} at step {opt.step} of {config.steps}: {1000 * step_s:.1f} ms per step "
+          f"({1 / step_s:.2f} steps/s); distillation {init_s:.1f} s")
+    for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:45s} {1000 * v:8.1f} ms  {100 * v / step_s:5.1f} %")
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(max(1, args.steps // 4)):
+            opt.train_step()
+        _sync(dev)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    if args.json:
+        args.json.write_text(json.dumps({"quality": args.quality, "device": device, "step_ms": 1000 * step_s,
+                                         "parts_ms": {k: 1000 * v for k, v in parts.items()},
+                                         "distill_s": init_s, "config": dataclasses.asdict(config)},
+                                        indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
