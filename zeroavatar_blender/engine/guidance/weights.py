@@ -441,10 +441,17 @@ def load_guidance_pipeline(weights: GuidanceWeights, device: str | torch.device 
     ``dtype`` None: fp16 on CUDA, fp32 otherwise. Pickle-based files are refused unless
     ``allow_unsafe`` (even then they are read with ``torch.load(weights_only=True)``).
     """
+    # transformers warns at import about image processors SD never uses (no torchvision): noise
+    # in the user's log. Only its warnings are hushed, and only when the user has not chosen.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from diffusers import (AutoencoderKL, ControlNetModel, DDPMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    for lib in (diffusers_logging, transformers_logging):  # our own progress is on the job's events
+        getattr(lib, "disable_progress_bar", lambda: None)()
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     for path, kind in ((weights.sd_path, weights.sd_kind), (weights.controlnet_path, weights.controlnet_kind)):
