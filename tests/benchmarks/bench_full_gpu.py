@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                    "the time of a whole run is extrapolated from the steps made)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--keep", type=Path, default=None, help="copy the run's job folder here afterwards")
+    p.add_argument("--prepare-only", action="store_true", help="only build and save the random weights")
     p.add_argument("--allow-cpu", action="store_true",
                    help="check the script without CUDA (give --weights a folder of small models and few --steps)")
     args = p.parse_args(argv)
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     sd_dir, cn_dir = save_random_sd15(args.weights, torch.device("cuda" if cuda else "cpu"))
     weights_s = time.perf_counter() - t0
+    if args.prepare_only:
+        print(f"weights in {sd_dir} and {cn_dir} ({weights_s:.1f} s)")
+        return 0
     work = Path(tempfile.mkdtemp(prefix="za_full_"))
     job = work / "job"
     shutil.copytree(args.job, job, ignore=shutil.ignore_patterns("checkpoints", "meshes", "result", "exports"))
@@ -126,9 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     for cmd in (optimise, finalise):
         print("running:", " ".join(cmd), flush=True)
         left = args.timeout - (time.perf_counter() - started)
+        proc = subprocess.Popen(cmd, env=env)
         try:
-            rc = subprocess.run(cmd, env=env, timeout=max(left, 1)).returncode
-        except subprocess.TimeoutExpired:
+            rc = proc.wait(timeout=max(left, 1))
+        except subprocess.TimeoutExpired:  # as a user's cancel: the engine checkpoints and says so
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             rc, timed_out = None, True
         if rc != 0:
             break

@@ -410,7 +410,11 @@ class Optimiser:
             surface = np.concatenate([surface, proxy[rng.choice(len(proxy), 50_000)]])
         report = distill_body_prior(self.field, self.prior, torch.from_numpy(surface).float(),
                                     DistillConfig(steps=self.config.distill_steps, seed=self.config.seed,
-                                                  batch_size=1 << 13 if self.problem.device.type == "cpu" else 1 << 16))
+                                                  batch_size=1 << 13 if self.problem.device.type == "cpu" else 1 << 16),
+                                    should_stop=lambda: self.job.cancel_requested)
+        if report.stopped:
+            raise CancelledError("cancelled while initialising the field from the body (before any checkpoint)",
+                                 "start the optimisation again")
         self.renderer.fill(self.field)
         self.job.info(f"Field initialised from the body in {report.seconds:.1f} s (loss {report.final_loss:.3f})")
 

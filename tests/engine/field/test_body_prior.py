@@ -159,3 +159,30 @@ def test_body_prior_from_mesh_config():
     x = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
     assert prior.occupancy(x).tolist() == [True, False]
     assert prior(x)[0].item() == pytest.approx(40.0, rel=1e-3) and prior(x)[1].item() < 1e-3
+
+
+def test_distillation_stops_when_asked():
+    """A cancel during the body distillation (minutes on a CPU) is honoured before the next step."""
+    import numpy as np
+
+    from zeroavatar_blender.engine.field import (
+        BodyPrior, BodyPriorConfig, DistillConfig, NeRFField, body_aabb, distill_body_prior)
+    from tests.engine.field.distilled import SMALL_FIELD
+
+    # a box as the "body": 8 corners, 12 triangles
+    v = np.array([[x, y, z] for x in (-0.2, 0.2) for y in (-0.1, 0.1) for z in (0.0, 1.0)], dtype=np.float64)
+    f = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
+                  [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+    prior = BodyPrior.from_mesh(v, f, BodyPriorConfig(grid_resolution=24))
+    field = NeRFField(body_aabb(v, 0.1), SMALL_FIELD)
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    report = distill_body_prior(field, prior, v.astype(np.float32), DistillConfig(steps=50, batch_size=256),
+                                should_stop=should_stop)
+    assert report.stopped and len(report.losses) == 3
+    untouched = distill_body_prior(field, prior, v.astype(np.float32), DistillConfig(steps=4, batch_size=256))
+    assert not untouched.stopped and len(untouched.losses) == 4

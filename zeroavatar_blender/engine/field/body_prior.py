@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field as dataclass_field
 
 import numpy as np
@@ -296,6 +297,7 @@ class DistillReport:
     steps: int
     seconds: float
     losses: list[float] = dataclass_field(default_factory=list)
+    stopped: bool = False  # ``should_stop`` ended it early (a cancel): the field is half-initialised
 
     @property
     def final_loss(self) -> float:
@@ -303,12 +305,14 @@ class DistillReport:
 
 
 def distill_body_prior(field: NeRFField, prior: BodyPrior, surface_points: torch.Tensor | np.ndarray,
-                       config: DistillConfig | None = None) -> DistillReport:
+                       config: DistillConfig | None = None, should_stop: Callable[[], bool] | None = None
+                       ) -> DistillReport:
     """Fit the field's learned density (not the prior hook) to the body's, in place.
 
     ``surface_points`` (S, 3): body surface samples (e.g. ``sample_surface`` or the posed
     vertices) where half the batch concentrates. Only the encoding and density MLP move; the colour
-    head is left for the optimiser.
+    head is left for the optimiser. ``should_stop`` is asked before every step (a cancel must not
+    wait for the minutes this takes on a CPU).
     """
     config = config or DistillConfig()
     device = field.aabb.device
@@ -324,6 +328,9 @@ def distill_body_prior(field: NeRFField, prior: BodyPrior, surface_points: torch
     was_training = field.training
     field.train()
     for _ in range(config.steps):
+        if should_stop is not None and should_stop():
+            report.stopped = True
+            break
         x = sample_prior_points(field.aabb, config.batch_size, surface, config.surface_fraction,
                                 config.surface_noise, gen)
         with torch.no_grad():

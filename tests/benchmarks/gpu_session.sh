@@ -1,0 +1,40 @@
+#!/bin/bash
+# The prepared GPU check (see gpu_prepare.sh): nerfacc's CUDA build, a default `full` run end to
+# end, a per-part step profile, SDS speed, the CUDA tests. Results go to $OUT. Run it as
+#   LIMIT=560 bash .gpu/run.sh        (carry .whl and .gpu; LIMIT: seconds this call may use)
+set -u
+S=$(date +%s)
+t() { echo "=== [t=$(( $(date +%s) - S ))s] $*"; }
+left() { echo $(( ${LIMIT:-570} - ($(date +%s) - S) )); }
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# the same TORCH_CUDA_ARCH_LIST in every process, or torch rebuilds nerfacc (60 s) for each change
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+       TRANSFORMERS_VERBOSITY=error PYTHONWARNINGS=ignore::SyntaxWarning
+mkdir -p /tmp/za_smpl && cp .gpu/za_smpl/* /tmp/za_smpl/
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+t "nerfacc CUDA build"
+timeout 240 python3 -c "
+import time; t=time.time()
+from zeroavatar_blender.engine.render.cuda_marcher import cuda_marcher_status
+print('marcher', cuda_marcher_status(print), round(time.time()-t,1), 's')" 2>&1 | tail -5 | tee "$OUT/nerfacc_build.log"
+if [ "${SKIP_PROFILE:-0}" = 0 ]; then
+  t "step profile (full, half-way through the schedules)"
+  timeout 120 python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job --prepare-only >/dev/null 2>&1
+  timeout 120 python3 -m tests.benchmarks.profile_step --job .gpu/job --quality full --device cuda --steps 20 --warmup 5 \
+    --sd-weights /tmp/zeroavatar_random_sd15/sd15 --controlnet-weights /tmp/zeroavatar_random_sd15/controlnet_depth \
+    --json "$OUT/profile.json" 2>&1 | tail -40 | tee "$OUT/profile.log"
+fi
+t "full run (default steps)"
+# the benchmark stops the engine itself at --timeout and extrapolates; the outer timeout is a backstop
+timeout $(( $(left) - 5 )) python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job --timeout $(( $(left) - 60 )) \
+  --json "$OUT/full_run.json" 2>&1 | grep -v "^\[optimise\] [0-9]*/[0-9]* " | tail -60 > "$OUT/full_run.log"
+tail -45 "$OUT/full_run.log"
+if [ "${SKIP_SDS:-1}" = 0 ]; then
+  t "SDS speed"
+  timeout 70 python3 -m tests.benchmarks.bench_sds_gpu --batches 1,2 --steps 10 --warmup 3 --full-steps 2500 \
+    --json "$OUT/sds.json" 2>&1 | tail -6
+  t "GPU tests"
+  timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/render/test_volume.py 2>&1 | tail -5
+fi
+t "end"
