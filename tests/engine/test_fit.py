@@ -42,6 +42,17 @@ def test_walking_fit_is_accurate(anny_body, walking_fit):
     _check_accuracy(anny_body, *walking_fit)
 
 
+def test_fit_is_repeatable_bit_for_bit(anny_body, walking_fit):
+    """The same photo twice gives the same avatar (the benchmark's two-run bar needs it too); the
+    caller's thread setting comes back."""
+    case, perception, _, fit = walking_fit
+    threads = torch.get_num_threads()
+    again = fit_body(perception, anny_body, focal_px=case.focal_px, seed=case.seed)
+    assert torch.get_num_threads() == threads
+    for name in ("pose", "shape", "global_orient", "transl"):
+        assert torch.equal(getattr(fit.params, name), getattr(again.params, name)), name
+
+
 @pytest.mark.parametrize("name", ["arms_raised", "landscape"])
 def test_fit_is_accurate(anny_body, name):
     case = CASES[name]
