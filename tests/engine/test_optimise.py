@@ -206,3 +206,26 @@ def test_sds_depth_source_switches_at_the_configured_step(fitted_job, tmp_path):
     finally:
         job.close()
     assert sources == ["body", "body", "field", "field"]
+
+
+def test_gpu_out_of_memory_halves_the_work_and_goes_on(fitted_job, tmp_path, monkeypatch):
+    """A CUDA OOM mid-run (simulated: this machine has no GPU) costs one step's work, not the run:
+    the step is retried with half the rays and pixels, and the user is told."""
+    from zeroavatar_blender.engine.optimise import Optimiser
+
+    real_step = Optimiser.train_step
+    calls = {"n": 0}
+
+    def flaky_step(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self)
+
+    monkeypatch.setattr(Optimiser, "train_step", flaky_step)
+    job = run(copy_job(fitted_job, tmp_path / "job"), 4)
+    events = [json.loads(line) for line in job.layout.events.read_text().splitlines()]
+    warnings = [e["message"] for e in events if e["type"] == "message" and e.get("level") == "warning"]
+    assert any("out of memory" in w and "50%" in w for w in warnings), warnings
+    steps = [e["step"] for e in events if e["type"] == "progress" and e.get("stage") == "optimise"]
+    assert steps[-1] == 4 and calls["n"] == 5  # four steps made, one retried

@@ -576,7 +576,11 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
         try:
             record = opt.train_step()
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            record = None  # leave the handler first: its traceback holds the step's tensors
+        if record is None:
+            opt.optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             if opt.oom_downscale < 0.1:
                 raise EngineError("the GPU ran out of memory even at a sixteenth of the batch",
                                   "close other GPU programs or use --device cpu / --quality standard")
