@@ -60,6 +60,13 @@ def run_engine(photo: Path, job: Path, quality: str, *, steps: int | None = None
     return proc.returncode, time.time() - started
 
 
+def last_run(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events of the newest engine process: a reused job folder keeps its earlier runs'
+    events (a client may be tailing the file), and they must not count in this run's times."""
+    starts = [i for i, e in enumerate(events) if e["type"] == "started"]
+    return events[starts[-1]:] if starts else events
+
+
 def stage_seconds(events: list[dict[str, Any]]) -> dict[str, float]:
     """Wall time per stage from the event stream (a stage lasts until the next stage or done)."""
     out: dict[str, float] = {}
@@ -173,7 +180,7 @@ def run_case(case_dir: Path, out: Path, quality: str, *, steps: int | None = Non
     job = out / f"{case_dir.name}_{quality}"
     result = CaseResult(case_dir.name, quality, meta["spec"].get("garment"), ok=False)
     rc, wall = run_engine(case_dir / "photo.png", job, quality, steps=steps, seed=seed)
-    events = list(protocol.iter_events(job / "events.jsonl")) if (job / "events.jsonl").exists() else []
+    events = last_run(list(protocol.iter_events(job / "events.jsonl")) if (job / "events.jsonl").exists() else [])
     result.seconds = stage_seconds(events)
     result.seconds.setdefault("total", round(wall, 3))
     done = next((e for e in reversed(events) if e["type"] == "done"), {})
