@@ -40,9 +40,9 @@ def test_excess_grows_with_the_extra_silhouette_and_stays_inside_the_person():
 def test_a_gap_the_fit_leaves_between_two_body_runs_is_not_a_garment():
     # an arm beside the torso: the body's silhouette leaves a 2 px armpit gap that the person's fills;
     # the joined run inflates far thicker than the arm or the torso, but only the gap is extra
-    body = np.zeros((40, 80), bool)
+    body = np.zeros((60, 80), bool)
     body[5:35, 10:22] = True  # arm
-    body[5:35, 24:60] = True  # torso
+    body[5:55, 24:60] = True  # torso (taller than wide, as torsos are)
     person = body.copy()
     person[15:18, 22:24] = True  # the armpit rows where the photo's mask joins them
     extra = run_extra_width(person, body)
@@ -99,3 +99,20 @@ def test_excess_at_points_reads_the_map_along_each_ray():
     left = cam.project(pts[:1])[0, 0] < 32
     assert left and e[0] == pytest.approx(0.1) and e[1] == pytest.approx(0.1)
     assert e[2] == 0.0 and e[3] == 0.0
+
+
+def test_a_horizontal_arm_read_across_its_thickness_is_not_a_garment():
+    """T-pose: the arm's rows are as long as the arm, so row runs would read the 2 px by which the
+    mask is thicker than the fitted arm, and the fingertips past the fitted hand, as a garment a
+    hand's length deep (fins along the arms). Across the arm (columns) the extra is 2 px. (The
+    6 px of fingers past the fitted hand stay a small protrusion, as the silhouette shows.)"""
+    body = np.zeros((120, 160), bool)
+    body[20:110, 70:90] = True  # torso
+    body[30:40, 20:70] = True  # a horizontal arm, 10 px thick
+    person = body.copy()
+    person[29:41, 14:70] = True  # the photo's arm: a pixel thicker each side, 6 px longer
+    excess = silhouette_excess(person, body, metres_per_pixel=0.01, dead_zone=0.02, smooth_px=0)
+    assert excess[25:45, 22:70].max() < 0.01
+    skirt = body.copy()
+    skirt[80:100, 55:105] = True  # a flare 15 px past each side of the torso: still a garment
+    assert silhouette_excess(skirt, body, metres_per_pixel=0.01, dead_zone=0.02, smooth_px=0)[90, 100] > 0.1

@@ -57,6 +57,11 @@ def run_extra_width(person: np.ndarray, body: np.ndarray) -> np.ndarray:
     return np.where(m, (total - covered)[run], 0.0).astype(np.float64)
 
 
+def _transposed(measure, *masks: np.ndarray) -> np.ndarray:
+    """A per-pixel run measure taken along columns instead of rows."""
+    return measure(*(np.ascontiguousarray(np.asarray(m).T) for m in masks)).T
+
+
 def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per_pixel: float, *,
                       dead_zone: float = DEAD_ZONE_M, max_excess: float = MAX_EXCESS_M,
                       smooth_px: float = 1.5) -> np.ndarray:
@@ -75,11 +80,25 @@ def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per
     body = np.asarray(body_mask, bool)
     if person.shape != body.shape:
         raise ValueError(f"person mask {person.shape} and body mask {body.shape} differ")
-    h_person = row_half_depth(person) * metres_per_pixel
-    h_body = row_half_depth(body) * metres_per_pixel
-    beside = distance_transform_edt(~body) * metres_per_pixel if body.any() else np.zeros(body.shape)
+    # Runs along rows suit upright limbs, torsos and skirts; a horizontal limb (a T-pose's arms)
+    # needs runs along columns, or its rows (as long as the arm) read as a thick garment. Each
+    # pixel measures across the body's thinner direction there (beside the body: the nearest body
+    # pixel's).
+    if body.any():
+        beside_px, (ni, nj) = distance_transform_edt(~body, return_indices=True)
+        across_rows = row_half_depth(body) <= _transposed(row_half_depth, body)
+        across_rows = across_rows[ni, nj]
+    else:
+        beside_px, across_rows = np.zeros(body.shape), np.ones(body.shape, bool)
+
+    def across(measure, *masks):
+        return np.where(across_rows, measure(*masks), _transposed(measure, *masks))
+
+    h_person = across(row_half_depth, person) * metres_per_pixel
+    h_body = across(row_half_depth, body) * metres_per_pixel
+    beside = beside_px * metres_per_pixel
     # extra half-thickness along the ray, at most the run's extra width (see run_extra_width)
-    extra = run_extra_width(person, body) * metres_per_pixel
+    extra = across(run_extra_width, person, body) * metres_per_pixel
     depth = np.maximum(np.minimum(h_person - h_body, extra) - dead_zone, 0.0)
     reach = np.where(body, depth, np.where(depth > 0, np.hypot(beside, depth), 0.0))
     reach = np.clip(reach, 0.0, max_excess) * person
