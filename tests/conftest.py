@@ -22,3 +22,21 @@ def anny_body():
     from zeroavatar_blender.engine.body import load_body
 
     return load_body("anny")
+
+
+# Tools `python3 build.py setup` installs. Missing ones fail the tests that need them, naming the
+# fix: a test that cannot run here must not pass by skipping (only `gpu`-marked tests may skip).
+@pytest.fixture
+def require_validator():
+    from tests.tools import validator_available
+
+    if not validator_available():
+        pytest.fail("node + Khronos gltf-validator are not installed: run `python3 build.py setup`")
+
+
+@pytest.fixture
+def require_assimp():
+    from tests.tools import assimp_available
+
+    if not assimp_available():
+        pytest.fail("the assimp CLI is not installed: run `python3 build.py setup` (apt install assimp-utils)")

@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from tests.tools import assimp_available, assimp_info, validate_gltf, validator_available
+from tests.tools import assimp_info, validate_gltf
 from zeroavatar_blender import protocol
 from zeroavatar_blender.addon import export_presets, scene
 from zeroavatar_blender.addon.bundle_io import read_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
-needs_validator = pytest.mark.skipif(not validator_available(),
-                                     reason="node + gltf-validator not installed (python3 build.py setup)")
-needs_assimp = pytest.mark.skipif(not assimp_available(), reason="assimp CLI not installed (apt install assimp-utils)")
+needs_validator = pytest.mark.usefixtures("require_validator")
+needs_assimp = pytest.mark.usefixtures("require_assimp")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +132,7 @@ def test_export_keeps_user_scene(fresh_scene, anny_bundle, tmp_path):
     assert len(bpy.data.armatures) == 1 and len(bpy.data.objects) == 3
 
 
-@pytest.mark.skipif(not assimp_available(), reason="assimp CLI not installed")
+@needs_assimp
 def test_unreal_preset_adds_root_bone(fresh_scene, anny_body, tmp_path):
     from .bundle_factory import make_anny_bundle
 

@@ -23,7 +23,7 @@ import torch
 from bpy_extras.object_utils import world_to_camera_view
 from mathutils import Quaternion, Vector
 
-from tests.tools import assimp_available, assimp_info, validate_gltf, validator_available
+from tests.tools import assimp_info, validate_gltf
 from zeroavatar_blender import protocol
 from zeroavatar_blender.blender_jobs import package
 from zeroavatar_blender.engine.body import load_body
@@ -42,8 +42,7 @@ EDITS = (("upperarm01.L", (0.0, 0.0, 1.0), 0.6), ("lowerarm01.L", (1.0, 0.0, 0.0
          ("lowerleg01.R", (1.0, 0.0, 0.0), -0.6))
 MM = 1e-3
 
-pytestmark = pytest.mark.skipif(not (validator_available() and assimp_available()),
-                                reason="needs node + gltf-validator and assimp (python3 build.py setup)")
+pytestmark = pytest.mark.usefixtures("require_validator", "require_assimp")
 
 
 def pump(timeout: float, until=None, on_call=None) -> None:

@@ -332,7 +332,6 @@ def person_photo(anny_body, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.skipif(not (ROOT / "zeroavatar_blender" / "engine" / "cli.py").exists(), reason="no engine CLI yet")
 def test_generate_end_to_end_with_the_real_engine(addon, person_photo, tmp_path, monkeypatch):
     monkeypatch.setenv("ZEROAVATAR_JOBS_DIR", str(tmp_path / "jobs"))
     scene = bpy.context.scene

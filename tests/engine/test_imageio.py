@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,12 +248,36 @@ def test_other_formats_are_named(tmp_path, content, word):
     _bad(path, word)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file(tmp_path):
-    path = tmp_path / "locked.jpg"
-    Image.fromarray(astronaut()).save(path)
-    path.chmod(0)
-    _bad(path, "permission denied")
+def test_unreadable_file():
+    """A photo the user may not read. Root reads any file, so as root (CI) the check runs in a
+    forked child that has dropped to the unprivileged 'nobody' user first."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="za_locked_"))
+    try:
+        folder.chmod(0o755)
+        path = folder / "locked.jpg"
+        Image.fromarray(astronaut()).save(path)
+        path.chmod(0)
+        if os.geteuid() != 0:
+            _bad(path, "permission denied")
+            return
+        pid = os.fork()
+        if pid == 0:  # child: no exceptions may escape into pytest's machinery
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                _bad(path, "permission denied")
+                code = 0
+            except BaseException:  # noqa: BLE001 - reported through the exit status
+                code = 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "an unreadable photo was not refused clearly"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_missing_file_and_folder_and_empty(tmp_path):

@@ -209,6 +209,7 @@ def test_anny_body_renders_closed_silhouette(anny_body):
     assert (n_cam[:, 2] < 0).float().mean() > 0.97
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     verts, faces = random_mesh(5, 60)
