@@ -285,11 +285,21 @@ def pearson_depth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return 1 - corr
 
 
-def sample_reference_pixels(mask: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Pixel indices: half inside the (dilated) person mask, half anywhere. (H,W) -> (n,) long."""
-    H, W = mask.shape
+def person_pixels(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the person mask dilated by 3 px (where half the reference rays go). (H,W) -> (K,) long."""
     dil = F.max_pool2d(mask[None, None], 7, stride=1, padding=3)[0, 0].reshape(-1) > 0.05
-    inside = torch.nonzero(dil).squeeze(1)
+    return torch.nonzero(dil).squeeze(1)
+
+
+def sample_reference_pixels(mask: torch.Tensor, n: int, generator: torch.Generator,
+                            inside: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel indices: half inside the (dilated) person mask, half anywhere. (H,W) -> (n,) long.
+
+    ``inside``: ``person_pixels(mask)`` when the caller has it (the loop computes it once: the
+    mask is constant, and on a GPU ``nonzero`` waits for the device every step)."""
+    H, W = mask.shape
+    if inside is None:
+        inside = person_pixels(mask)
     n_in = n // 2 if len(inside) else 0
     # draws on the (CPU) generator whatever the mask's device: the same pixels on every device
     pick_in = inside[torch.randint(len(inside), (n_in,), generator=generator).to(inside.device)] if n_in else inside[:0]
@@ -434,9 +444,9 @@ class Optimiser:
         # reference view: random pixels of the photo
         cam = p.ref_camera
         K, w2c = cam.torch(torch.float32, dev)
-        rays_all = RayBundle.from_camera(K, w2c, cam.width, cam.height)
+        rays_all, inside = self._reference_rays()
         n_rays = max(256, int(c.ref_rays * self.oom_downscale))
-        idx = sample_reference_pixels(p.ref_mask, n_rays, gen).to(dev)
+        idx = sample_reference_pixels(p.ref_mask, n_rays, gen, inside).to(dev)
         out = self.renderer.render(self.field, rays_all[idx], jitter=True, generator=gen)
         mask_t = p.ref_mask.reshape(-1)[idx][:, None]
         rgb_t = p.ref_rgb.reshape(-1, 3)[idx]
@@ -447,10 +457,8 @@ class Optimiser:
         valid = torch.isfinite(bd) & (mask_t[:, 0] > 0.5) & (out.opacity[:, 0] > 0.5)
         if p.excess_t is not None:  # where a garment covers the body, the body's depth is not the surface's
             valid &= p.excess_t.reshape(-1)[idx] <= 0
-        cam_center = torch.as_tensor(cam.center, dtype=torch.float32, device=dev)
         ray_z = (rays_all.directions[idx] @ w2c[2, :3])  # depth along the optical axis per unit ray length
         losses["depth_corr"] = pearson_depth_loss((out.depth[:, 0] * ray_z)[valid], bd[valid])
-        del cam_center
 
         # novel views: the UV-guided texture prior, and SDS in full quality
         res = max(16, int(c.at(c.novel_resolution, step) * math.sqrt(self.oom_downscale)))
@@ -482,10 +490,24 @@ class Optimiser:
         total.backward()
         self.optimizer.step()
         self.step += 1
-        record = {k: float(v.detach()) for k, v in losses.items()}
-        record["total"] = float(total.detach())
+        # one read-back for all the numbers (each float() of a CUDA tensor waits for the device)
+        names = list(losses) + ["total"]
+        values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach().float()]).tolist()
+        record = dict(zip(names, values))
         self.history.append(record)
         return record
+
+    def _reference_rays(self):
+        """The reference view's rays (all pixels) and its person pixels, built once: both are
+        constant over the run. -> (RayBundle, (K,) long on the CPU)."""
+        from .render.volume import RayBundle
+
+        if "ref_rays" not in self.problem.extra:
+            p = self.problem
+            K, w2c = p.ref_camera.torch(torch.float32, p.device)
+            p.extra["ref_rays"] = RayBundle.from_camera(K, w2c, p.ref_camera.width, p.ref_camera.height)
+            p.extra["person_pixels"] = person_pixels(p.ref_mask.cpu())
+        return self.problem.extra["ref_rays"], self.problem.extra["person_pixels"]
 
     def _sds(self, nout, prior, ncam, azimuth, elevation, step, gen) -> torch.Tensor:
         from .guidance.sds import normalise_depth

@@ -313,6 +313,8 @@ class OccupancyGridRenderer:
 class VolumeRendererConfig:
     n_samples: int = 128  # CPU path: samples per ray inside the box
     chunk_rays: int = 4096  # rays per field call (memory: chunk_rays * n_samples points on the CPU path)
+    chunk_rays_grid: int = 1 << 16  # CUDA grid path: it packs only the marched samples, so whole
+    # training views fit one call (each call's marching waits for the device once)
     near: float = 0.0
     use_occupancy_grid: bool = True  # CUDA: nerfacc's grid; CPU: DenseOccupancy skipping
     cpu_occupancy_resolution: int = 64
@@ -377,12 +379,13 @@ class VolumeRenderer:
                background: torch.Tensor | None = None, with_normals: bool = False,
                generator: torch.Generator | None = None) -> RenderOutputs:
         c = self.config
+        size = c.chunk_rays_grid if self.grid is not None else c.chunk_rays
         parts = []
-        for i in range(0, len(rays), c.chunk_rays):
-            chunk = rays[i:i + c.chunk_rays]
+        for i in range(0, len(rays), size):
+            chunk = rays[i:i + size]
             bg = None
             if background is not None:
-                bg = background if background.dim() == 1 else background[i:i + c.chunk_rays]
+                bg = background if background.dim() == 1 else background[i:i + size]
             if self.grid is not None:
                 parts.append(self.grid.render(field, chunk, jitter=jitter, background=bg, near=c.near,
                                               with_normals=with_normals))
