@@ -45,3 +45,65 @@ def test_finalise_settings_override_and_reject_unknown_names():
     settings.extra = {"finalise": {"snap_outter": 0.0}}
     with pytest.raises(BadInputError, match="snap_outter"):
         finalise_config(settings)
+
+
+class _TwoBallField:
+    """An analytic field with the attributes finalise reads: two balls with the body prior's
+    density profile, each with a 5-cm pit dug in at the top (a blurred nose or hand)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from zeroavatar_blender.engine.field.nerf import NeRFFieldConfig
+
+        self.aabb = torch.tensor([[-0.5, -0.5, -0.5], [1.0, 0.5, 0.5]])
+        self.config = NeRFFieldConfig()
+        self.centres = torch.tensor([[0.0, 0.0, 0.0], [0.65, 0.0, 0.0]])
+        self.radii = torch.tensor([0.3, 0.2])
+
+    def density(self, x):
+        import torch
+
+        from zeroavatar_blender.engine.field.body_prior import sdf_to_density
+
+        sdf = (torch.cdist(x, self.centres) - self.radii).min(1).values
+        for c, r in zip(self.centres, self.radii):  # the pits
+            sdf = torch.maximum(sdf, -((x - (c + torch.tensor([0.0, 0.0, float(r)]))).norm(dim=1) - 0.05))
+        return sdf_to_density(sdf, self.config.surface_density, 400.0)
+
+
+def _balls(*spheres):
+    parts = []
+    for centre, radius in spheres:
+        s = trimesh.creation.icosphere(subdivisions=4, radius=radius)
+        s.apply_translation(centre)
+        parts.append(s)
+    body = trimesh.util.concatenate(parts)
+    return np.asarray(body.vertices), np.asarray(body.faces)
+
+
+def test_field_surface_is_the_union_with_the_body_inside_the_person_mask():
+    """The body fills the field's pits where the photo's mask covers it, not elsewhere; without
+    the union (the old behaviour) the pits stay."""
+    from zeroavatar_blender.engine.cameras import Camera, intrinsics, look_at
+    from zeroavatar_blender.engine.field_avatar import ReferenceSilhouette, field_surface
+
+    field = _TwoBallField()
+    body_v, body_f = _balls(((0.0, 0.0, 0.0), 0.3), ((0.65, 0.0, 0.0), 0.2))
+    cam = Camera(intrinsics(160, 160, 200.0), look_at(np.array([0.3, -4.0, 0.0]), np.array([0.3, 0.0, 0.0])), 160, 160)
+    px = cam.project(np.array([[0.3, 0.0, 0.0]]))[0]  # the image column between the balls
+    mask = np.zeros((160, 160))
+    mask[:, : int(px[0])] = 1.0  # the person mask covers only the first ball
+    silhouette = ReferenceSilhouette(cam, mask, None)
+
+    def top_of(mesh, centre, radius):
+        near = np.linalg.norm(mesh.vertices[:, :2] - np.asarray(centre)[:2], axis=1) < 0.02
+        return mesh.vertices[near, 2].max() - radius
+
+    fc = FinaliseConfig()
+    merged = field_surface(field, fc, 96, body_v, body_f, silhouette)
+    plain = field_surface(field, FinaliseConfig(body_union=False), 96, body_v, body_f, silhouette)
+    h = 1.5 / 96
+    assert abs(top_of(merged, (0, 0), 0.3)) < h  # the pit in the masked ball is filled by the body
+    assert top_of(plain, (0, 0), 0.3) < -0.03  # ... which the field alone leaves open
+    assert top_of(merged, (0.65, 0), 0.2) < -0.03  # the ball outside the mask keeps the field's pit

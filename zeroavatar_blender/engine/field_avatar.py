@@ -47,6 +47,10 @@ class FinaliseConfig:
     snap_inner: float = 0.02  # metres: closer to the body than this, the surface is the body's
     snap_outer: float = 0.05  # blending to the field's own surface at this distance (0: no snapping)
     garment_hold: float = 0.03  # metres of silhouette excess at which the field's surface is kept unsnapped (0: off)
+    body_union: bool = True  # surface = field union body where the field is present (surface_merge.py)
+    presence_ratio: float = 0.05  # ... "present": density above this share of the surface level
+    presence_cells: int = 2  # ... within this many grid nodes
+    union_excess: float = 0.015  # metres: no body where the photo shows a garment thicker than this (0: everywhere)
     colour: str = "photo"  # "photo": surface_colour.py; "field": the field's colour everywhere
     through_weight: float = 0.5  # unseen body surface: share of the photo carried through (rest: smooth fill)
 
@@ -69,26 +73,83 @@ def snap_to_body(vertices: np.ndarray, body_vertices: np.ndarray, body_faces: np
     return closest + (vertices - closest) * keep[:, None]
 
 
-def garment_hold(job: Job, settings, fit, body_vertices: torch.Tensor, body_faces: np.ndarray, field_cfg: dict,
-                 points: np.ndarray, full_at: float) -> np.ndarray | None:
-    """Where the photo's silhouette shows more than the fitted body (priors.py), how much of the
-    field's own surface to keep: 0 with no evidence, 1 where the excess reaches ``full_at``
-    metres. None when the field was optimised without the garment prior. (N,3) -> (N,)."""
+@dataclass
+class ReferenceSilhouette:
+    """The photo's person mask at the optimiser's reference view, with the body's excess over it."""
+
+    camera: Any  # Camera of the reference view
+    mask: np.ndarray  # (H, W) in [0, 1]
+    excess: np.ndarray | None  # (H, W) metres the person is thicker than the body (priors.py)
+
+    def mask_at(self, points: np.ndarray) -> np.ndarray:
+        """The mask along each point's ray (bilinear; 0 off the image). (N,3) world -> (N,)."""
+        from .priors import excess_at_points
+
+        return excess_at_points(points, self.camera, self.mask.astype(np.float32))
+
+    def excess_at(self, points: np.ndarray) -> np.ndarray:
+        """The garment evidence (metres) along each point's ray, 0 without it. (N,3) -> (N,)."""
+        from .priors import excess_at_points
+
+        if self.excess is None:
+            return np.zeros(len(points))
+        return excess_at_points(points, self.camera, self.excess)
+
+
+def reference_silhouette(job: Job, settings, fit, body_vertices: torch.Tensor, body_faces: np.ndarray,
+                         field_cfg: dict) -> ReferenceSilhouette:
+    """The reference view exactly as the optimiser built it (same resolution, mask, body depth)."""
     from .imageio import load_photo
     from .optimise import radius_guess, reference_excess, reference_view
     from .perception import Perception
-    from .priors import excess_at_points
 
-    if not field_cfg.get("garment_proxy", False) or full_at <= 0:
-        return None
     photo = load_photo(job.root / settings.photo)
     perception = Perception.load(job.layout.perception)
     posed = body_vertices.detach().float().cpu()
     faces = torch.as_tensor(body_faces, dtype=torch.long)
     cam, _, mask, depth = reference_view(photo.rgb, perception.mask, fit.camera.scaled(photo.scale), posed, faces,
                                          int(field_cfg.get("ref_resolution", 256)))
-    excess = reference_excess(mask, depth, cam, radius_guess(fit, posed))
-    return np.clip(excess_at_points(points, cam, excess) / full_at, 0.0, 1.0)
+    excess = reference_excess(mask, depth, cam, radius_guess(fit, posed)) if field_cfg.get("garment_proxy", False) else None
+    return ReferenceSilhouette(cam, mask.clamp(0, 1).numpy(), excess)
+
+
+def garment_hold(silhouette: ReferenceSilhouette, points: np.ndarray, full_at: float) -> np.ndarray | None:
+    """Where the photo's silhouette shows more than the fitted body (priors.py), how much of the
+    field's own surface to keep: 0 with no evidence, 1 where the excess reaches ``full_at``
+    metres. None when the field was optimised without the garment prior. (N,3) -> (N,)."""
+    if silhouette.excess is None or full_at <= 0:
+        return None
+    return np.clip(silhouette.excess_at(points) / full_at, 0.0, 1.0)
+
+
+def field_surface(field, fc: FinaliseConfig, resolution: int, body_v: np.ndarray, body_f: np.ndarray,
+                  silhouette: ReferenceSilhouette | None = None):
+    """Marching cubes of the field's level set, or of its union with the body (``fc.body_union``)
+    where the field is present and, given ``silhouette``, the body projects into the person mask."""
+    from .extract import evaluate_grid, marching_cubes
+    from .field.body_prior import BodyPriorConfig, grid_axes
+    from .surface_merge import body_inside_distance, union_with_body
+
+    level = fc.level_ratio * field.config.surface_density
+    axes = grid_axes(field.aabb.detach().cpu().numpy().astype(np.float64), resolution)
+    origin, spacing = np.array([a[0] for a in axes]), float(axes[0][1] - axes[0][0])
+    with torch.no_grad():
+        density = evaluate_grid(field.density, axes, device=field.aabb.device)
+    if not fc.body_union:
+        return marching_cubes(density, level, origin, spacing)
+    body_in = body_inside_distance(axes, body_v, body_f)
+    allowed = None
+    if silhouette is not None:
+        allowed = np.zeros(body_in.shape, bool)
+        near = body_in > -2 * spacing  # only these nodes can put the body's surface into the result
+        nodes = np.stack(np.meshgrid(*axes, indexing="ij"), -1)[near]
+        ok = silhouette.mask_at(nodes) > 0.25
+        if fc.union_excess > 0 and silhouette.excess is not None:  # a garment's surface is the field's
+            ok &= silhouette.excess_at(nodes) < fc.union_excess
+        allowed[near] = ok
+    values = union_with_body(density, level, body_in, sharpness=BodyPriorConfig().sharpness,
+                             presence_ratio=fc.presence_ratio, presence_cells=fc.presence_cells, allowed=allowed)
+    return marching_cubes(values, 0.0, origin, spacing)
 
 
 def finalise_config(settings) -> FinaliseConfig:
@@ -105,7 +166,7 @@ def finalise_config(settings) -> FinaliseConfig:
 def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, Any]):
     """-> (AvatarBundle, posed world vertices (V,3))."""
     from .avatar import assemble_avatar
-    from .extract import CleanupConfig, clean_mesh, decimate, extract_mesh, MeshData
+    from .extract import CleanupConfig, clean_mesh, decimate, MeshData
     from .mesh_rig import bake_texture, transfer_skin_weights, unpose, unwrap_uv
     from .pipeline import resolve_device
 
@@ -119,9 +180,8 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
         out = body.forward(params)
     body_v = out.vertices[0].double().cpu().numpy()
     body_f = np.asarray(body.faces, np.int64)
-    with torch.no_grad():
-        mesh = extract_mesh(field, resolution=fc.resolution_gpu if gpu else fc.resolution_cpu, with_colors=False,
-                            threshold=fc.level_ratio * field.config.surface_density)
+    silhouette = reference_silhouette(job, settings, fit, out.vertices[0], body_f, cfg)
+    mesh = field_surface(field, fc, fc.resolution_gpu if gpu else fc.resolution_cpu, body_v, body_f, silhouette)
     if mesh.num_vertices == 0:
         from .errors import EngineError
 
@@ -130,7 +190,7 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     target_faces = int(settings.extra.get("target_faces", 40_000))
     mesh = clean_mesh(mesh, CleanupConfig(target_faces=0, smooth_iterations=fc.smooth_iterations))
     verts = mesh.vertices.astype(np.float64)
-    hold = garment_hold(job, settings, fit, out.vertices[0], body_f, cfg, verts, fc.garment_hold)
+    hold = garment_hold(silhouette, verts, fc.garment_hold)
     mesh = MeshData(snap_to_body(verts, body_v, body_f, fc.snap_inner, fc.snap_outer, hold), mesh.faces)
     if target_faces:
         mesh = decimate(mesh, target_faces)
