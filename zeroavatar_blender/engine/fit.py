@@ -13,7 +13,8 @@ body's ``global_orient`` carries the viewing angle. Steps:
      joins the batch when step 1 was a near-tie;
   3. pose + shape + silhouette (L-BFGS, which walks the flat, depth-ambiguous directions much
      faster than Adam): vertices off the mask (distance transform) and mask pixels no vertex comes
-     near (coverage), on an evenly spread vertex subset.
+     near (coverage), on an evenly spread vertex subset; a prior holds the upper arms near the
+     torso's frontal plane where the 2D evidence is flat.
 Joints with zero confidence (a half-body photo's legs) are left to the prior: they hang straight.
 Afterwards the translation is moved into the camera, so the body's root is at the world origin.
 Weights and priors are tuned on tests/benchmarks/bench_fit.py.
@@ -146,6 +147,7 @@ class FitConfig:
     vertex_subset: int = 1200
     full_optimizer: str = "lbfgs"  # or "adam" (needs about twice the iterations for the same accuracy)
     tie_margin: float = 0.25  # carry a second start when its rigid loss is within this ratio
+    w_arm_depth: float = 0.05  # stage 3: upper arms near the torso's frontal plane (see _arm_depth_loss)
 
 
 @dataclass
@@ -429,6 +431,16 @@ def _prior_terms(params: BodyParams, prior: P.BodyPrior, cfg: FitConfig) -> torc
             + cfg.w_shape * P.shape_prior_loss(params.shape, prior))
 
 
+def _arm_depth_loss(kp: torch.Tensor, prior: P.BodyPrior) -> torch.Tensor:
+    """Squared swing of the upper arms out of the torso's frontal plane beyond the natural pose's
+    own: (B,17,3) world keypoints -> (B,). The silhouette stage walks the flat depth directions
+    freely, and a detector's elbow a little off the model's (a shorter-looking upper arm) was
+    explained by swinging the arm 10-25 cm toward or away from the camera (measured on the
+    benchmark photos). Only in stage 3: stage 2's pose hypotheses must stay free to try either."""
+    rest = L.upper_arm_depth(prior.rest_keypoints[None].to(kp.dtype))
+    return (L.upper_arm_depth(kp) - rest).square().sum(-1)
+
+
 def _schedule(opt: torch.optim.Optimizer, base: list[float], i: int, n: int) -> None:
     """Cosine decay to 10 % over a stage."""
     f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(n, 1)))
@@ -515,7 +527,7 @@ def _fit_full(body: BodyModel, prior: P.BodyPrior, t: _Target, sil: L.Silhouette
         return (L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp)
                 + cfg.w_outside * L.outside_loss(vuv, sil, t.scale_px, cfg.sigma_sil)
                 + cfg.w_cover * L.coverage_loss(vuv, sil, t.scale_px, margin, cfg.sigma_sil)
-                + _prior_terms(params, prior, cfg)).sum()
+                + _prior_terms(params, prior, cfg) + cfg.w_arm_depth * _arm_depth_loss(out.keypoints, prior)).sum()
 
     if cfg.full_optimizer == "lbfgs":
         # Quasi-Newton: the depth-ambiguous directions (limb swing toward the camera, turn, size)

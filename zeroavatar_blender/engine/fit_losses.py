@@ -120,3 +120,25 @@ def silhouette_iou(pred: np.ndarray, mask: np.ndarray) -> float:
     a, b = np.asarray(pred, bool), np.asarray(mask, bool)
     union = int((a | b).sum())
     return float((a & b).sum()) / union if union else 0.0
+
+
+# COCO indices (left, right) for the frontal-plane prior.
+_SHOULDERS, _ELBOWS, _HIPS = (5, 6), (7, 8), (11, 12)
+
+
+def body_forward(kp: torch.Tensor) -> torch.Tensor:
+    """The direction the torso faces, from 3D keypoints: (B,17,3) -> (B,3) unit.
+
+    (left shoulder - right shoulder) x (hips -> shoulders): with Z up and +X the subject's left,
+    a body facing -Y gives -Y."""
+    across = kp[:, _SHOULDERS[0]] - kp[:, _SHOULDERS[1]]
+    up = kp[:, list(_SHOULDERS)].mean(1) - kp[:, list(_HIPS)].mean(1)
+    return F.normalize(torch.linalg.cross(across, up), dim=-1)
+
+
+def upper_arm_depth(kp: torch.Tensor) -> torch.Tensor:
+    """Sine of each upper arm's swing out of the torso's frontal plane (positive: forward):
+    (B,17,3) -> (B,2) (left, right). A swing toward or away from the camera barely moves the 2D
+    keypoints of a front view; this is what a prior on it measures."""
+    arm = F.normalize(kp[:, list(_ELBOWS)] - kp[:, list(_SHOULDERS)], dim=-1)  # (B,2,3)
+    return (arm * body_forward(kp)[:, None]).sum(-1)

@@ -1,0 +1,67 @@
+"""The fit's loss terms as pure functions (fast: no body model)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from zeroavatar_blender.engine import fit_losses as L
+from zeroavatar_blender.engine.body.base import rotvec_to_matrix
+
+
+def _standing() -> torch.Tensor:
+    """(1,17,3) COCO keypoints of a person facing -Y (Z up, +X their left), arms hanging."""
+    kp = torch.zeros(17, 3, dtype=torch.float64)
+    kp[5], kp[6] = torch.tensor([0.18, 0.0, 0.5]), torch.tensor([-0.18, 0.0, 0.5])  # shoulders
+    kp[7], kp[8] = torch.tensor([0.18, 0.0, 0.2]), torch.tensor([-0.18, 0.0, 0.2])  # elbows
+    kp[11], kp[12] = torch.tensor([0.1, 0.0, 0.0]), torch.tensor([-0.1, 0.0, 0.0])  # hips
+    return kp[None]
+
+
+def _swing(kp: torch.Tensor, side: int, angle: float) -> torch.Tensor:
+    """The upper arm of ``side`` (0 left, 1 right) turned forward (toward -Y) by ``angle`` about its shoulder."""
+    out = kp.clone()
+    sh, el = (5, 7) if side == 0 else (6, 8)
+    R = rotvec_to_matrix(torch.tensor([[-angle, 0.0, 0.0]], dtype=kp.dtype))[0]  # about -X: down -> forward
+    out[0, el] = kp[0, sh] + R @ (kp[0, el] - kp[0, sh])
+    return out
+
+
+def test_body_forward_is_where_the_torso_faces():
+    kp = _standing()
+    assert torch.allclose(L.body_forward(kp), torch.tensor([[0.0, -1.0, 0.0]], dtype=kp.dtype), atol=1e-9)
+    turn = rotvec_to_matrix(torch.tensor([[0.0, 0.0, math.pi / 2]], dtype=kp.dtype))[0]
+    assert torch.allclose(L.body_forward(kp @ turn.T), (turn @ torch.tensor([0.0, -1.0, 0.0], dtype=kp.dtype))[None],
+                          atol=1e-9)
+
+
+@pytest.mark.parametrize("angle", [0.3, -0.5])
+def test_upper_arm_depth_is_the_sine_of_the_swing(angle):
+    kp = _standing()
+    base = L.upper_arm_depth(kp)[0]
+    moved = L.upper_arm_depth(_swing(kp, 0, angle))[0]
+    assert float(base.abs().max()) < 1e-9
+    assert float(moved[0]) == pytest.approx(math.sin(angle), abs=1e-6)  # positive: forward
+    assert float(moved[1]) == pytest.approx(0.0, abs=1e-9)  # the other arm is untouched
+
+
+def test_upper_arm_depth_ignores_the_view_and_the_swing_in_the_frontal_plane():
+    """Measured against the torso, not the camera: turning the whole body changes nothing, and
+    raising an arm sideways (seen in 2D) is not a depth swing."""
+    kp = _swing(_standing(), 1, 0.4)
+    turn = rotvec_to_matrix(torch.tensor([[0.2, -0.1, 1.1]], dtype=kp.dtype))[0]
+    assert torch.allclose(L.upper_arm_depth(kp @ turn.T), L.upper_arm_depth(kp), atol=1e-9)
+    side = _standing().clone()
+    side[0, 7] = side[0, 5] + torch.tensor([0.3, 0.0, 0.0], dtype=kp.dtype)  # T-pose left arm
+    assert float(L.upper_arm_depth(side)[0, 0]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_upper_arm_depth_has_gradients_and_is_batched():
+    kp = torch.cat([_standing(), _swing(_standing(), 0, 0.2)]).requires_grad_(True)
+    d = L.upper_arm_depth(kp)
+    assert d.shape == (2, 2)
+    d.square().sum().backward()
+    assert kp.grad is not None and np.isfinite(kp.grad.numpy()).all() and float(kp.grad.abs().sum()) > 0
