@@ -229,3 +229,30 @@ def test_gpu_out_of_memory_halves_the_work_and_goes_on(fitted_job, tmp_path, mon
     assert any("out of memory" in w and "50%" in w for w in warnings), warnings
     steps = [e["step"] for e in events if e["type"] == "progress" and e.get("stage") == "optimise"]
     assert steps[-1] == 4 and calls["n"] == 5  # four steps made, one retried
+
+
+def test_previews_are_the_field_united_with_the_body(fitted_job, tmp_path):
+    """Streamed previews are made as the finalise makes its surface: the union with the body
+    (a superset of the field's own level set, so a larger volume), unless switched off."""
+    import dataclasses
+
+    from zeroavatar_blender.engine.extract import read_preview_mesh, signed_volume
+    from zeroavatar_blender.engine.field_avatar import FinaliseConfig
+    from zeroavatar_blender.engine.optimise import OptimiseConfig, Optimiser, build_problem
+
+    job = Job(copy_job(fitted_job, tmp_path / "job")).open()
+    try:
+        config = dataclasses.replace(OptimiseConfig.for_quality("standard", "cpu", 2), **TINY)
+        problem, _, _ = build_problem(job, settings_for(job, 2), config)
+        opt = Optimiser(job, problem)
+        opt.initialise()
+        volumes = {}
+        for union in (False, True):
+            problem.extra["finalise_config"] = FinaliseConfig(body_union=union)
+            problem.extra.pop("preview_union", None)
+            mesh = read_preview_mesh(opt.stream_mesh())
+            volumes[union] = signed_volume(mesh.vertices, mesh.faces)
+    finally:
+        job.close()
+    assert volumes[False] > 0
+    assert volumes[True] > 1.001 * volumes[False]

@@ -123,34 +123,64 @@ def garment_hold(silhouette: ReferenceSilhouette, points: np.ndarray, full_at: f
     return np.clip(silhouette.excess_at(points) / full_at, 0.0, 1.0)
 
 
+@dataclass
+class BodyUnion:
+    """The body's side of the union on one grid (surface_merge.py), built once per grid: the
+    optimiser's streamed previews reuse it for every mesh, so Blender shows the surface the
+    finalise will make."""
+
+    axes: list  # [xs, ys, zs] grid node coordinates
+    body_inside: np.ndarray  # (X, Y, Z) signed inside distance of the body
+    allowed: np.ndarray | None  # (X, Y, Z) bool: the body may count here (photo mask, no garment)
+    presence_ratio: float
+    presence_cells: int
+
+    @staticmethod
+    def build(axes: list, body_v: np.ndarray, body_f: np.ndarray, fc: FinaliseConfig,
+              silhouette: ReferenceSilhouette | None = None) -> "BodyUnion":
+        from .surface_merge import body_inside_distance
+
+        body_in = body_inside_distance(axes, body_v, body_f)
+        allowed = None
+        if silhouette is not None:
+            spacing = float(axes[0][1] - axes[0][0])
+            allowed = np.zeros(body_in.shape, bool)
+            near = body_in > -2 * spacing  # only these nodes can put the body's surface into the result
+            nodes = np.stack(np.meshgrid(*axes, indexing="ij"), -1)[near]
+            ok = silhouette.mask_at(nodes) > 0.25
+            if fc.union_excess > 0 and silhouette.excess is not None:  # a garment's surface is the field's
+                ok &= silhouette.excess_at(nodes) < fc.union_excess
+            allowed[near] = ok
+        return BodyUnion(axes, body_in, allowed, fc.presence_ratio, fc.presence_cells)
+
+
+def surface_from_density(density: np.ndarray, level: float, axes: list, union: BodyUnion | None):
+    """Marching cubes of a density grid at ``level``, united with the body when ``union`` is given."""
+    from .extract import marching_cubes
+    from .field.body_prior import BodyPriorConfig
+    from .surface_merge import union_with_body
+
+    origin, spacing = np.array([a[0] for a in axes]), float(axes[0][1] - axes[0][0])
+    if union is None:
+        return marching_cubes(density, level, origin, spacing)
+    values = union_with_body(density, level, union.body_inside, sharpness=BodyPriorConfig().sharpness,
+                             presence_ratio=union.presence_ratio, presence_cells=union.presence_cells,
+                             allowed=union.allowed)
+    return marching_cubes(values, 0.0, origin, spacing)
+
+
 def field_surface(field, fc: FinaliseConfig, resolution: int, body_v: np.ndarray, body_f: np.ndarray,
                   silhouette: ReferenceSilhouette | None = None):
     """Marching cubes of the field's level set, or of its union with the body (``fc.body_union``)
     where the field is present and, given ``silhouette``, the body projects into the person mask."""
-    from .extract import evaluate_grid, marching_cubes
-    from .field.body_prior import BodyPriorConfig, grid_axes
-    from .surface_merge import body_inside_distance, union_with_body
+    from .extract import evaluate_grid
+    from .field.body_prior import grid_axes
 
-    level = fc.level_ratio * field.config.surface_density
     axes = grid_axes(field.aabb.detach().cpu().numpy().astype(np.float64), resolution)
-    origin, spacing = np.array([a[0] for a in axes]), float(axes[0][1] - axes[0][0])
     with torch.no_grad():
         density = evaluate_grid(field.density, axes, device=field.aabb.device)
-    if not fc.body_union:
-        return marching_cubes(density, level, origin, spacing)
-    body_in = body_inside_distance(axes, body_v, body_f)
-    allowed = None
-    if silhouette is not None:
-        allowed = np.zeros(body_in.shape, bool)
-        near = body_in > -2 * spacing  # only these nodes can put the body's surface into the result
-        nodes = np.stack(np.meshgrid(*axes, indexing="ij"), -1)[near]
-        ok = silhouette.mask_at(nodes) > 0.25
-        if fc.union_excess > 0 and silhouette.excess is not None:  # a garment's surface is the field's
-            ok &= silhouette.excess_at(nodes) < fc.union_excess
-        allowed[near] = ok
-    values = union_with_body(density, level, body_in, sharpness=BodyPriorConfig().sharpness,
-                             presence_ratio=fc.presence_ratio, presence_cells=fc.presence_cells, allowed=allowed)
-    return marching_cubes(values, 0.0, origin, spacing)
+    union = BodyUnion.build(axes, body_v, body_f, fc, silhouette) if fc.body_union else None
+    return surface_from_density(density, fc.level_ratio * field.config.surface_density, axes, union)
 
 
 def finalise_config(settings) -> FinaliseConfig:

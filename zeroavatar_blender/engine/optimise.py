@@ -528,15 +528,38 @@ class Optimiser:
 
     # streaming ---------------------------------------------------------------------------
     def stream_mesh(self) -> Path | None:
-        from .extract import extract_mesh, write_preview_mesh
+        """A preview mesh for Blender, made as the finalise makes its surface (field united with
+        the body, field_avatar.surface_from_density) so the preview shows what the result will be."""
+        from .extract import evaluate_grid, vertex_colors, write_preview_mesh
+        from .field.body_prior import grid_axes
+        from .field_avatar import surface_from_density
 
-        mesh = extract_mesh(self.field, resolution=self.config.mesh_resolution)
+        axes = grid_axes(self.aabb.detach().cpu().numpy().astype(np.float64), self.config.mesh_resolution)
+        with torch.no_grad():
+            density = evaluate_grid(self.field.density, axes, device=self.aabb.device)
+        mesh = surface_from_density(density, self.field.config.surface_density, axes, self._preview_union(axes))
         if mesh.num_vertices == 0:
             return None
+        mesh.colors = vertex_colors(self.field, mesh.vertices, device=self.aabb.device)
         path = self.job.layout.meshes / protocol.mesh_name(self.step)
         write_preview_mesh(path, mesh.vertices + self.problem.frame_offset, mesh.faces, mesh.colors)
         self.job.emit("mesh", step=self.step, path=self.job.rel(path), vertices=int(mesh.num_vertices))
         return path
+
+    def _preview_union(self, axes: list):
+        """The body's side of the preview's union, built on the first preview (the body, the
+        grid and the photo's silhouette do not change during a run); None when switched off."""
+        from .field_avatar import BodyUnion, FinaliseConfig, ReferenceSilhouette
+
+        fc = self.problem.extra.get("finalise_config") or FinaliseConfig()
+        if not fc.body_union:
+            return None
+        if "preview_union" not in self.problem.extra:
+            p = self.problem
+            silhouette = ReferenceSilhouette(p.ref_camera, p.ref_mask.detach().cpu().numpy(), p.silhouette_excess)
+            p.extra["preview_union"] = BodyUnion.build(
+                axes, p.body_vertices.detach().cpu().numpy().astype(np.float64), p.body_faces.cpu().numpy(), fc, silhouette)
+        return self.problem.extra["preview_union"]
 
     def checkpoint(self) -> Path:
         path = save_checkpoint(self.job, self.state())
@@ -579,6 +602,9 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
         guidance, prompts = _check_full_quality(job, settings, device)
     job.stage("optimise", f"Optimising the avatar ({settings.quality}, {config.steps} steps on {device})")
     problem, _, _ = build_problem(job, settings, config)
+    from .field_avatar import finalise_config
+
+    problem.extra["finalise_config"] = finalise_config(settings)
     opt = Optimiser(job, problem, guidance, prompts)
     ckpt = None if not resume else latest_checkpoint(job, on_bad=lambda p, e: job.info(f"Skipping unreadable checkpoint {p.name}: {e}", "warning"))
     if resume and ckpt is not None:
