@@ -587,6 +587,7 @@ def _check_full_quality(job: Job, settings, device: str) -> tuple[Any, Any]:
 
 
 def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
+    from .field_avatar import finalise_config
     from .pipeline import resolve_device
 
     device = resolve_device(settings.device)
@@ -602,9 +603,7 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
         guidance, prompts = _check_full_quality(job, settings, device)
     job.stage("optimise", f"Optimising the avatar ({settings.quality}, {config.steps} steps on {device})")
     problem, _, _ = build_problem(job, settings, config)
-    from .field_avatar import finalise_config
-
-    problem.extra["finalise_config"] = finalise_config(settings)
+    problem.extra["finalise_config"] = finalise_config(settings)  # previews are made like the final surface
     opt = Optimiser(job, problem, guidance, prompts)
     ckpt = None if not resume else latest_checkpoint(job, on_bad=lambda p, e: job.info(f"Skipping unreadable checkpoint {p.name}: {e}", "warning"))
     if resume and ckpt is not None:
