@@ -98,15 +98,11 @@ class ReferenceSilhouette:
         return excess_at_points(points, self.camera, self.excess)
 
 
-def reference_silhouette(job: Job, settings, fit, body_vertices: torch.Tensor, body_faces: np.ndarray,
+def reference_silhouette(photo, perception, fit, body_vertices: torch.Tensor, body_faces: np.ndarray,
                          field_cfg: dict) -> ReferenceSilhouette:
     """The reference view exactly as the optimiser built it (same resolution, mask, body depth)."""
-    from .imageio import load_photo
     from .optimise import radius_guess, reference_excess, reference_view
-    from .perception import Perception
 
-    photo = load_photo(job.root / settings.photo)
-    perception = Perception.load(job.layout.perception)
     posed = body_vertices.detach().float().cpu()
     faces = torch.as_tensor(body_faces, dtype=torch.long)
     cam, _, mask, depth = reference_view(photo.rgb, perception.mask, fit.camera.scaled(photo.scale), posed, faces,
@@ -146,13 +142,24 @@ class BodyUnion:
         if silhouette is not None:
             spacing = float(axes[0][1] - axes[0][0])
             allowed = np.zeros(body_in.shape, bool)
-            near = body_in > -2 * spacing  # only these nodes can put the body's surface into the result
-            nodes = np.stack(np.meshgrid(*axes, indexing="ij"), -1)[near]
+            near = np.nonzero(body_in > -2 * spacing)  # only these nodes can put the body's surface into the result
+            nodes = np.array([a[0] for a in axes]) + spacing * np.stack(near, 1)
             ok = silhouette.mask_at(nodes) > 0.25
             if fc.union_excess > 0 and silhouette.excess is not None:  # a garment's surface is the field's
                 ok &= silhouette.excess_at(nodes) < fc.union_excess
             allowed[near] = ok
         return BodyUnion(axes, body_in, allowed, fc.presence_ratio, fc.presence_cells)
+
+
+def density_grid(field, resolution: int) -> tuple[list, np.ndarray]:
+    """The field's density (prior included) on the marching-cubes grid of its box with
+    ``resolution`` cells along the longest side. -> (axes [xs, ys, zs], (X, Y, Z) float32)."""
+    from .extract import evaluate_grid
+    from .field.body_prior import grid_axes
+
+    axes = grid_axes(field.aabb.detach().cpu().numpy().astype(np.float64), resolution)
+    with torch.no_grad():
+        return axes, evaluate_grid(field.density, axes, device=field.aabb.device)
 
 
 def surface_from_density(density: np.ndarray, level: float, axes: list, union: BodyUnion | None):
@@ -174,12 +181,7 @@ def field_surface(field, fc: FinaliseConfig, resolution: int, body_v: np.ndarray
                   silhouette: ReferenceSilhouette | None = None):
     """Marching cubes of the field's level set, or of its union with the body (``fc.body_union``)
     where the field is present and, given ``silhouette``, the body projects into the person mask."""
-    from .extract import evaluate_grid
-    from .field.body_prior import grid_axes
-
-    axes = grid_axes(field.aabb.detach().cpu().numpy().astype(np.float64), resolution)
-    with torch.no_grad():
-        density = evaluate_grid(field.density, axes, device=field.aabb.device)
+    axes, density = density_grid(field, resolution)
     union = BodyUnion.build(axes, body_v, body_f, fc, silhouette) if fc.body_union else None
     return surface_from_density(density, fc.level_ratio * field.config.surface_density, axes, union)
 
@@ -199,6 +201,8 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     """-> (AvatarBundle, posed world vertices (V,3))."""
     from .avatar import assemble_avatar
     from .extract import CleanupConfig, clean_mesh, decimate, MeshData
+    from .imageio import load_photo
+    from .perception import Perception
     from .mesh_rig import bake_texture, transfer_skin_weights, unpose, unwrap_uv
     from .pipeline import resolve_device
 
@@ -212,7 +216,8 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
         out = body.forward(params)
     body_v = out.vertices[0].double().cpu().numpy()
     body_f = np.asarray(body.faces, np.int64)
-    silhouette = reference_silhouette(job, settings, fit, out.vertices[0], body_f, cfg)
+    photo, perception = load_photo(job.root / settings.photo), Perception.load(job.layout.perception)
+    silhouette = reference_silhouette(photo, perception, fit, out.vertices[0], body_f, cfg)
     mesh = field_surface(field, fc, fc.resolution_gpu if gpu else fc.resolution_cpu, body_v, body_f, silhouette)
     if mesh.num_vertices == 0:
         from .errors import EngineError
@@ -249,7 +254,7 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     if fc.colour == "field":
         texture = bake_texture(posed_v2, new_faces, corner_uv, field_colour, size=settings.texture_size)
     else:
-        priors = _colour_priors(job, settings, body, fit, out.vertices[0])
+        priors = _colour_priors(photo, perception, settings, body, fit, out.vertices[0])
         unseen = field_colour if settings.quality == "full" else None
         texture = bake_surface_texture(posed_v2, new_faces, corner_uv, priors, settings.texture_size, unseen,
                                        through_weight=fc.through_weight)
@@ -261,13 +266,9 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     return bundle, posed_v2
 
 
-def _colour_priors(job: Job, settings, body, fit, posed_vertices):
-    from .imageio import load_photo
-    from .perception import Perception
+def _colour_priors(photo, perception, settings, body, fit, posed_vertices):
     from .surface_colour import build_colour_priors
 
-    photo = load_photo(job.root / settings.photo)
-    perception = Perception.load(job.layout.perception)
     mask = perception.mask if perception.mask.shape[:2] == photo.rgb.shape[:2] else None
     return build_colour_priors(photo.rgb, fit.camera.scaled(photo.scale), mask, body, posed_vertices,
                                texture_size=settings.texture_size)

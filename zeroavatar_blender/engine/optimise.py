@@ -530,13 +530,10 @@ class Optimiser:
     def stream_mesh(self) -> Path | None:
         """A preview mesh for Blender, made as the finalise makes its surface (field united with
         the body, field_avatar.surface_from_density) so the preview shows what the result will be."""
-        from .extract import evaluate_grid, vertex_colors, write_preview_mesh
-        from .field.body_prior import grid_axes
-        from .field_avatar import surface_from_density
+        from .extract import vertex_colors, write_preview_mesh
+        from .field_avatar import density_grid, surface_from_density
 
-        axes = grid_axes(self.aabb.detach().cpu().numpy().astype(np.float64), self.config.mesh_resolution)
-        with torch.no_grad():
-            density = evaluate_grid(self.field.density, axes, device=self.aabb.device)
+        axes, density = density_grid(self.field, self.config.mesh_resolution)
         mesh = surface_from_density(density, self.field.config.surface_density, axes, self._preview_union(axes))
         if mesh.num_vertices == 0:
             return None

@@ -14,10 +14,9 @@ is their maximum.
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import binary_dilation, maximum_filter
-from scipy.spatial import cKDTree
+from scipy.ndimage import maximum_filter
 
-from .field.body_prior import inside_grid, sample_surface
+from .field.body_prior import grid_surface_distance, inside_grid
 
 
 def body_inside_distance(axes: list[np.ndarray], vertices: np.ndarray, faces: np.ndarray, *,
@@ -32,19 +31,7 @@ def body_inside_distance(axes: list[np.ndarray], vertices: np.ndarray, faces: np
     v = np.asarray(vertices, np.float64)
     f = np.asarray(faces, np.int64)
     inside = inside_grid(v, f, axes)
-    origin = np.array([a[0] for a in axes])
-    h = float(axes[0][1] - axes[0][0])
-    shape = tuple(len(a) for a in axes)
-    cloud = np.concatenate([v, sample_surface(v, f, n_samples, np.random.default_rng(seed))])
-    node = np.clip(np.rint((cloud - origin) / h).astype(np.int64), 0, np.array(shape) - 1)
-    band = np.zeros(shape, bool)
-    band[node[:, 0], node[:, 1], node[:, 2]] = True
-    band = binary_dilation(band, iterations=band_cells)
-    idx = np.nonzero(band)
-    pts = origin + h * np.stack(idx, 1)
-    dist = np.full(shape, band_cells * h)
-    near, _ = cKDTree(cloud).query(pts, k=1, workers=-1)
-    dist[idx] = np.minimum(near, band_cells * h)
+    dist = grid_surface_distance(axes, v, f, n_samples=n_samples, band_cells=band_cells, seed=seed, band_only=True)
     return np.where(inside, dist, -dist).astype(np.float32)
 
 

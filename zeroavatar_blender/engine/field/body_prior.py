@@ -120,7 +120,8 @@ def inside_grid(vertices: np.ndarray, faces: np.ndarray, axes: list[np.ndarray])
 
 
 def grid_surface_distance(axes: list[np.ndarray], vertices: np.ndarray, faces: np.ndarray, *,
-                          n_samples: int = 300_000, band_cells: float = 3.0, seed: int = 0) -> np.ndarray:
+                          n_samples: int = 300_000, band_cells: float = 3.0, seed: int = 0,
+                          band_only: bool = False) -> np.ndarray:
     """Unsigned distance from every grid node to the surface. -> (X, Y, Z).
 
     Near the surface (within ``band_cells`` cells) it is the distance to the nearest of dense
@@ -128,8 +129,10 @@ def grid_surface_distance(axes: list[np.ndarray], vertices: np.ndarray, faces: n
     a body); farther away, the distance to a surface sample at the nearest surface node, found
     by a Euclidean distance transform. Nearest-neighbour queries far from a surface point cloud
     are slow (every sample is almost equally near), so the KD-tree only answers the band.
+    ``band_only``: no distance transform (seconds on a fine grid); beyond the band every node
+    reads ``band_cells`` cells, for callers that only need the band and the sign.
     """
-    from scipy.ndimage import distance_transform_edt
+    from scipy.ndimage import binary_dilation, distance_transform_edt
 
     rng = np.random.default_rng(seed)
     cloud = np.concatenate([vertices, sample_surface(vertices, faces, n_samples, rng)])
@@ -139,6 +142,13 @@ def grid_surface_distance(axes: list[np.ndarray], vertices: np.ndarray, faces: n
     node = np.clip(np.rint((cloud - origin) / h).astype(np.int64), 0, np.array(shape) - 1)
     empty = np.ones(shape, dtype=bool)
     empty[node[:, 0], node[:, 1], node[:, 2]] = False  # nodes nearest to some surface sample
+    if band_only:
+        far = band_cells * h
+        band = np.nonzero(binary_dilation(~empty, iterations=int(band_cells)))
+        dist = np.full(shape, far)
+        near, _ = cKDTree(cloud).query(origin + h * np.stack(band, 1), k=1, workers=-1)
+        dist[band] = np.minimum(near, far)
+        return dist
     representative = np.zeros(shape + (3,))
     representative[node[:, 0], node[:, 1], node[:, 2]] = cloud  # one surface sample per such node
     coarse, (ni, nj, nk) = distance_transform_edt(empty, return_indices=True)
