@@ -33,15 +33,13 @@ def shade(vertices: np.ndarray, faces: np.ndarray, centre: np.ndarray, azimuth_d
           distance: float = 3.2) -> np.ndarray:
     """Grey Lambert image of the face normals from a camera orbiting ``centre`` about the photo
     camera's vertical (y down) axis. -> (size, size) float in [0, 1]."""
+    from zeroavatar_blender.engine.cameras import look_at
     from zeroavatar_blender.engine.render.raster import rasterize
 
     a = np.radians(azimuth_deg)
     eye = centre + distance * np.array([np.sin(a), 0.0, -np.cos(a)])
-    forward = (centre - eye) / np.linalg.norm(centre - eye)
-    right = np.cross(np.array([0.0, 1.0, 0.0]), forward)
-    right /= np.linalg.norm(right)
-    down = np.cross(forward, right)
-    v = (vertices - eye) @ np.stack([right, down, forward]).T
+    w2c = look_at(eye, centre, up=np.array([0.0, -1.0, 0.0]))  # the photo camera's frame has y down
+    v = vertices @ w2c[:3, :3].T + w2c[:3, 3]
     f = 1.9 * size
     K = torch.tensor([[f, 0, (size - 1) / 2], [0, f, (size - 1) / 2], [0, 0, 1]], dtype=torch.float64)
     raster = rasterize(torch.as_tensor(v), torch.as_tensor(faces), K, size, size)
