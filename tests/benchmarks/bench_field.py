@@ -1,6 +1,6 @@
-"""Neural-field benchmark: `python -m tests.benchmarks.bench_field [--threads N] [--default-field]`.
+"""Neural-field benchmark: `python -m tests.benchmarks.bench_field [--threads N] [--default-field] [--only gather]`.
 
-On the posed Anny body: SDF-grid build, distillation (time, occupancy IoU at 64^3), CPU volume
+On the posed Anny body: the hash grid's forward + backward against the native scatter, SDF-grid build, distillation (time, occupancy IoU at 64^3), CPU volume
 rendering of 64x64 and 128x128 views (rays/s, inference and a training forward+backward, with and
 without empty-space skipping), marching cubes at 128 and 256 cells along the body box's longest
 side (density grid, marching, colours), parameter counts. A shared machine skews every number:
@@ -21,6 +21,7 @@ from zeroavatar_blender.engine.extract import evaluate_grid, extract_mesh, march
 from zeroavatar_blender.engine.field import (
     BodyPrior, BodyPriorConfig, NeRFField, NeRFFieldConfig, body_aabb, distill_body_prior, sample_surface,
 )
+from zeroavatar_blender.engine.field.nerf import normalize_aabb
 from zeroavatar_blender.engine.field.body_prior import grid_axes, inside_grid
 from zeroavatar_blender.engine.render.volume import RayBundle, VolumeRenderer, VolumeRendererConfig
 from tests.engine.field.distilled import SMALL_DISTILL, SMALL_FIELD, posed_anny
@@ -83,9 +84,45 @@ def bench_extract(field: NeRFField, resolution: int) -> dict:
             "vertices": mesh.num_vertices, "faces": mesh.num_faces}
 
 
+def bench_gather(vertices: np.ndarray, faces: np.ndarray, n_points: int = 100_000, repeats: int = 5) -> dict:
+    """The hash grid's forward + backward on points near the body (CPU standard-mode encoding),
+    with the table gradient scattered by ``scatter_rows`` and by ATen's 2-D ``index_add_`` (the
+    baseline, same process, same points): the ratio is what ``_GatherRows`` buys."""
+    from zeroavatar_blender.engine.field import encoding as enc_mod
+
+    cfg = enc_mod.HashGridConfig(n_levels=12, log2_hashmap_size=16, max_resolution=512)
+    torch.manual_seed(0)
+    grid = enc_mod.HashGridEncoding(cfg)
+    aabb = body_aabb(vertices, 0.1)
+    pts = sample_surface(vertices, faces, n_points, np.random.default_rng(0))
+    pts = pts + np.random.default_rng(1).normal(0, 0.02, pts.shape)
+    unit, _ = normalize_aabb(torch.tensor(pts, dtype=torch.float32), torch.as_tensor(aabb, dtype=torch.float32))
+    native = enc_mod.scatter_rows
+
+    def timed() -> tuple[float, torch.Tensor]:
+        best = float("inf")
+        for _ in range(repeats):
+            grid.embeddings.grad = None
+            t = time.perf_counter()
+            grid(unit).square().sum().backward()
+            best = min(best, time.perf_counter() - t)
+        return best, grid.embeddings.grad.clone()
+
+    fast_s, fast_grad = timed()
+    enc_mod.scatter_rows = lambda v, r, n: v.new_zeros(n, v.shape[1]).index_add(0, r, v)
+    try:
+        base_s, base_grad = timed()
+    finally:
+        enc_mod.scatter_rows = native
+    return {"points": n_points, "levels": cfg.n_levels, "table_rows": int(grid.embeddings.shape[0]),
+            "forward_backward_s": round(fast_s, 4), "baseline_index_add_2d_s": round(base_s, 4),
+            "speedup": round(base_s / fast_s, 2), "same_gradient": bool(torch.equal(fast_grad, base_grad))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--only", choices=("gather",), default=None, help="run one part only")
     parser.add_argument("--default-field", action="store_true",
                         help="also count and distil the default (Instant-NGP sized) field")
     args = parser.parse_args()
@@ -93,6 +130,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     report: dict = {"threads": torch.get_num_threads(), "calibration_s": round(calibration(), 4)}
     vertices, faces = posed_anny()
+    report["gather"] = bench_gather(vertices, faces)
+    if args.only == "gather":
+        print(json.dumps(report, indent=1))
+        return
     t = time.perf_counter()
     prior = BodyPrior.from_mesh(vertices, faces, BodyPriorConfig(grid_resolution=128))
     report["sdf_grid_128_s"] = round(time.perf_counter() - t, 3)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from zeroavatar_blender.engine.field.encoding import (
-    HashGridConfig, HashGridEncoding, corner_indices, count_parameters, dense_rows, hashed_rows,
+    HashGridConfig, HashGridEncoding, corner_indices, count_parameters, dense_rows, gather_rows, hashed_rows,
     level_resolutions, level_table_sizes, make_hash_grid, spatial_hash, trilinear_weights,
 )
 
@@ -78,6 +78,27 @@ def test_gradients_in_inputs_and_tables():
     enc(x).square().sum().backward()
     g = enc.embeddings.grad
     assert g is not None and 0 < int((g != 0).any(-1).sum()) <= 8 * 8 * 4  # sparse: only touched rows
+
+
+def test_gather_rows_gradient_is_the_native_scatter_bit_for_bit():
+    # Repeated rows: their gradients add up in the same order as ATen's 2-D index_add_ (the runs'
+    # resume and reproducibility checks compare results bit for bit).
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 3, generator=g, requires_grad=True)
+    rows = torch.randint(0, 50, (4000,), generator=g, dtype=torch.int32)
+    upstream = torch.randn(4000, 3, generator=g)
+    out = gather_rows(table, rows)
+    assert torch.equal(out, table.detach().index_select(0, rows))
+    (out * upstream).sum().backward()
+    assert torch.equal(table.grad, torch.zeros(50, 3).index_add_(0, rows, upstream))
+    assert not table.grad[torch.bincount(rows.long(), minlength=50) == 0].any()
+
+
+def test_gather_rows_is_twice_differentiable():
+    table = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([0, 3, 3, 5, 1, 0])
+    assert torch.autograd.gradcheck(lambda t: gather_rows(t, rows).square(), (table,))
+    assert torch.autograd.gradgradcheck(lambda t: gather_rows(t, rows).square(), (table,))
 
 
 def test_encoding_fits_a_function():

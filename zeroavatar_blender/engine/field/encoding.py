@@ -134,6 +134,40 @@ def corner_indices(corners: torch.Tensor, resolutions: torch.Tensor, table_sizes
     return torch.remainder(index, table_sizes[None, :, None]) + offsets[None, :, None]
 
 
+class _GatherRows(torch.autograd.Function):
+    """``table.index_select(0, rows)`` whose CPU backward scatters one feature column at a time.
+
+    ATen's CPU ``index_add_`` into a 2-D table adds each index's row slice as its own tensor
+    operation: 10x slower than into a 1-D column (``bench_field --only gather``), and it was 60 %
+    of a CPU optimisation step. The sums are the same, in the same order, bit for bit. CUDA keeps
+    the native kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(rows)
+        ctx.table_shape = table.shape
+        return table.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        return scatter_rows(grad, rows, ctx.table_shape[0]), None
+
+
+def scatter_rows(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Sum ``values`` (M, F) into an (n_rows, F) table at ``rows`` (M,): the adjoint of index_select."""
+    if values.device.type != "cpu":
+        return values.new_zeros(n_rows, values.shape[1]).index_add(0, rows, values)
+    # Strided columns, not a transposed copy: the copy costs more than the scatter saves.
+    return torch.stack([values.new_zeros(n_rows).index_add(0, rows, values[:, f]) for f in range(values.shape[1])], 1)
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(T, F) table, (M,) int rows -> (M, F), differentiable in the table (see _GatherRows)."""
+    return _GatherRows.apply(table, rows)
+
+
 def trilinear_weights(frac: torch.Tensor) -> torch.Tensor:
     """Weights of the 8 corners for fractional positions. (N, L, 3) -> (N, L, 8), summing to 1."""
     return _outer3(torch.stack([1 - frac, frac], -1), "mul")
@@ -185,7 +219,7 @@ class HashGridEncoding(nn.Module):
             parts.append(hashed_rows(base[:, k:], self.table_sizes[k:]))
         rows = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]) + self.offsets32[None, :, None]
         # index_select, not embedding: its backward is a plain index_add (20x faster on CPU).
-        feats = self.embeddings.index_select(0, rows.reshape(-1)).reshape(*rows.shape, -1)  # (N, L, 8, F)
+        feats = gather_rows(self.embeddings, rows.reshape(-1)).reshape(*rows.shape, -1)  # (N, L, 8, F)
         out = (trilinear_weights(frac).unsqueeze(-2) @ feats).squeeze(-2)  # (N, L, F), a batched matmul
         return out.reshape(x.shape[0], -1)
 
