@@ -7,7 +7,7 @@ import pytest
 import trimesh
 
 from zeroavatar_blender.engine.errors import BadInputError
-from zeroavatar_blender.engine.field_avatar import FinaliseConfig, finalise_config, snap_to_body
+from zeroavatar_blender.engine.field_avatar import STANDARD_SMOOTH_M, FinaliseConfig, finalise_config, snap_to_body
 from zeroavatar_blender.engine.pipeline import JobSettings
 
 
@@ -38,10 +38,13 @@ def test_hold_keeps_a_garment_close_to_the_body_where_the_photo_shows_one():
 
 def test_finalise_settings_override_and_reject_unknown_names():
     settings = JobSettings()
-    assert finalise_config(settings) == FinaliseConfig()
-    settings.extra = {"finalise": {"snap_outer": 0.0, "level_ratio": 0.5}}
+    settings.quality = "standard"
+    assert finalise_config(settings) == FinaliseConfig(smooth_m=STANDARD_SMOOTH_M)
+    settings.quality = "full"  # SDS fields are not blurred (nothing measured says they need it)
+    assert finalise_config(settings) == FinaliseConfig(smooth_m=0.0)
+    settings.extra = {"finalise": {"snap_outer": 0.0, "level_ratio": 0.5, "smooth_m": 0.01}}
     cfg = finalise_config(settings)
-    assert cfg.snap_outer == 0.0 and cfg.level_ratio == 0.5
+    assert cfg.snap_outer == 0.0 and cfg.level_ratio == 0.5 and cfg.smooth_m == 0.01
     settings.extra = {"finalise": {"snap_outter": 0.0}}
     with pytest.raises(BadInputError, match="snap_outter"):
         finalise_config(settings)

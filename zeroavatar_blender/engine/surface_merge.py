@@ -14,7 +14,7 @@ is their maximum.
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import maximum_filter
+from scipy.ndimage import gaussian_filter, maximum_filter
 
 from .field.body_prior import grid_surface_distance, inside_grid
 
@@ -54,16 +54,19 @@ def field_presence(density: np.ndarray, level: float, ratio: float = 0.05, cells
 
 def union_with_body(field_density: np.ndarray, level: float, body_inside: np.ndarray, *, sharpness: float,
                     presence_ratio: float = 0.05, presence_cells: int = 2,
-                    allowed: np.ndarray | None = None) -> np.ndarray:
+                    allowed: np.ndarray | None = None, smooth_cells: float = 0.0) -> np.ndarray:
     """Signed inside distance of (field) union (body where the field is present); level 0.
 
     ``allowed`` (bool grid) restricts the body further: the finalise passes "inside the photo's
     person mask", because the field moved a limb the fit put outside it (a foot, a hand) and
-    only the field's version belongs in the result.
+    only the field's version belongs in the result. ``smooth_cells``: the standard deviation of a
+    Gaussian blur of the field's distance before the union (see ``FinaliseConfig.smooth_m``).
     field_density, body_inside (X, Y, Z) on the same grid -> (X, Y, Z) float32."""
     if field_density.shape != body_inside.shape or (allowed is not None and allowed.shape != body_inside.shape):
         raise ValueError(f"grids differ: field {field_density.shape}, body {body_inside.shape}")
     d_field = field_inside_distance(field_density, level, sharpness)
+    if smooth_cells > 0:
+        d_field = gaussian_filter(d_field, smooth_cells, mode="nearest")
     gate = field_presence(field_density, level, presence_ratio, presence_cells)
     if allowed is not None:
         gate &= allowed
