@@ -65,3 +65,51 @@ def test_upper_arm_depth_has_gradients_and_is_batched():
     assert d.shape == (2, 2)
     d.square().sum().backward()
     assert kp.grad is not None and np.isfinite(kp.grad.numpy()).all() and float(kp.grad.abs().sum()) > 0
+
+
+def _square_mask(h: int = 40, w: int = 40, box: tuple[int, int, int, int] = (10, 10, 30, 30)) -> np.ndarray:
+    mask = np.zeros((h, w), bool)
+    y0, x0, y1, x1 = box
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def test_signed_edge_distance_is_half_a_pixel_at_the_border():
+    d = L.signed_edge_distance(_square_mask())
+    assert d[20, 10] == pytest.approx(-0.5) and d[20, 9] == pytest.approx(0.5)  # left border, inside / outside
+    assert d[20, 29] == pytest.approx(-0.5) and d[20, 30] == pytest.approx(0.5)
+    assert d[20, 20] == pytest.approx(-9.5) and d[20, 2] == pytest.approx(7.5)
+    assert (L.signed_edge_distance(np.zeros((5, 5), bool)) == 0).all()
+    assert (L.signed_edge_distance(np.ones((5, 5), bool)) == 0).all()
+
+
+def test_silhouette_edge_skips_the_image_border():
+    face_id = torch.full((20, 30), -1, dtype=torch.long)
+    face_id[5:15, 10:20] = 7
+    edge = {tuple(p) for p in L.silhouette_edge(face_id).tolist()}
+    ring = {(y, x) for y in range(5, 15) for x in range(10, 20) if y in (5, 14) or x in (10, 19)}
+    assert edge == ring
+    face_id[5:, 10:20] = 7  # now cut by the image's bottom: that side has no edge
+    edge = {tuple(p) for p in L.silhouette_edge(face_id).tolist()}
+    assert (19, 15) not in edge and (19, 10) in edge and (5, 15) in edge
+
+
+def test_contour_loss_pulls_both_ways_and_vanishes_on_the_edge():
+    """A body edge inside the mask (too thin) costs as much as one outside it (too wide), and the
+    gradient moves it toward the mask's edge either way."""
+    target = L.silhouette_target(_square_mask(), 1.0, dtype=torch.float64)
+    scale = 20.0
+
+    def loss_and_grad(x: float) -> tuple[float, float]:
+        uv = torch.tensor([[[x, 20.0]]], dtype=torch.float64, requires_grad=True)
+        loss = L.contour_loss(uv, target, scale, 0.1)
+        loss.sum().backward()
+        return float(loss.detach()), float(uv.grad[0, 0, 0])
+
+    on_edge, _ = loss_and_grad(10.0)  # the left border pixel's centre, like a body edge pixel's point
+    assert on_edge == pytest.approx(0.0, abs=1e-12)
+    inside, g_in = loss_and_grad(13.0)  # body edge 3 px inside the mask
+    outside, g_out = loss_and_grad(7.0)  # 3 px outside
+    assert inside == pytest.approx(outside, rel=1e-6) and inside > 0
+    assert g_in > 0 > g_out  # descent moves x toward 10 from both sides
+    assert L.contour_loss(torch.zeros(1, 0, 2, dtype=torch.float64), target, scale, 0.1).shape == (1,)

@@ -14,14 +14,23 @@ body's ``global_orient`` carries the viewing angle. Steps:
   3. pose + shape + silhouette (L-BFGS, which walks the flat, depth-ambiguous directions much
      faster than Adam): vertices off the mask (distance transform) and mask pixels no vertex comes
      near (coverage), on an evenly spread vertex subset; a prior holds the upper arms near the
-     torso's frontal plane where the 2D evidence is flat.
+     torso's frontal plane where the 2D evidence is flat. Shape barely moves here: its effect on
+     the silhouette is a few pixels against the pose's tens, so the steps go to the pose;
+  3a/3c. shape refinement before and after step 3, pose held: shape and translation alone, in
+     steps scaled to move the silhouette about a pixel each, with a two-sided contour term (the
+     body's rendered silhouette edge against the mask's edge, see fit_losses.contour_loss) that
+     pulls a too-thin body out as hard as a too-wide one in. The one-sided outside and coverage
+     terms could not: the outside term pushes in from zero distance, coverage only pulls beyond
+     half a vertex spacing (about 4 px), so bodies came out thin.
 Joints with zero confidence (a half-body photo's legs) are left to the prior: they hang straight.
 Afterwards the translation is moved into the camera, so the body's root is at the world origin.
-Weights and priors are tuned on tests/benchmarks/bench_fit.py.
+Weights and priors are tuned on tests/benchmarks/bench_fit.py, the shape refinement also on the
+benchmark photos (tests/benchmarks/bench_fit_shape.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -148,6 +157,15 @@ class FitConfig:
     full_optimizer: str = "lbfgs"  # or "adam" (needs about twice the iterations for the same accuracy)
     tie_margin: float = 0.25  # carry a second start when its rigid loss is within this ratio
     w_arm_depth: float = 0.05  # stage 3: upper arms near the torso's frontal plane (see _arm_depth_loss)
+    shape_pre_iterations: int = 15  # stage 3a: shape refinement before stage 3 (L-BFGS evaluations)
+    shape_post_iterations: int = 20  # stage 3c: shape refinement after stage 3
+    w_contour: float = 5.0  # stages 3a/3c: silhouette edge against the mask's edge
+    sigma_contour: float = 0.1  # torso lengths
+    contour_points: int = 1500  # silhouette edge pixels sampled (evenly along the edge)
+    # Phenotypes held during the shape refinement: Anny's "proportions" mostly trades shin length,
+    # torso length and shoulder width, which is what a held pose's errors look like (measured on
+    # bench_fit: half_body MPJPE 28 -> 56 mm when it moved, 36 mm when held).
+    shape_held: tuple[str, ...] = ("proportions",)
 
 
 @dataclass
@@ -195,15 +213,13 @@ def _fit_body(perception: Any, body: BodyModel, *, focal_px: float | None, itera
     started = time.perf_counter()
     cfg = config or FitConfig()
     if iterations is not None:
-        total = cfg.pose_iterations + cfg.full_iterations
-        cfg = FitConfig(**{**cfg.__dict__, "pose_iterations": max(1, round(iterations * cfg.pose_iterations / total)),
-                           "full_iterations": max(0, iterations - round(iterations * cfg.pose_iterations / total))})
+        cfg = _split_iterations(cfg, iterations)
     kp, conf, mask, mask_scale, (W, H) = _check_perception(perception)
     dtype, device = body.dtype, body.device
     prior = P.body_prior(body)
     K = intrinsics(W, H, focal_px)
     target = _make_target(kp, conf, K, prior, dtype, device)
-    total_steps = cfg.pose_iterations + cfg.full_iterations
+    total_steps = cfg.pose_iterations + cfg.shape_pre_iterations + cfg.full_iterations + cfg.shape_post_iterations
     step = 0
 
     def tick(loss: float) -> None:
@@ -218,12 +234,26 @@ def _fit_body(perception: Any, body: BodyModel, *, focal_px: float | None, itera
         check_cancel()
     starts = _rigid_starts(target, prior, cfg)
     var, label, chosen = _fit_pose(body, prior, target, starts, cfg, tick)
-    if cfg.full_iterations:
+    if cfg.shape_pre_iterations + cfg.full_iterations + cfg.shape_post_iterations:
         sil = L.silhouette_target(mask, mask_scale, seed=seed, dtype=dtype)
-        sil.outside, sil.points = sil.outside.to(device), sil.points.to(device)
+        sil.outside, sil.points, sil.signed = sil.outside.to(device), sil.points.to(device), sil.signed.to(device)
         var = _fit_full(body, prior, target, sil, var, label, cfg, tick)
     metrics = {"start": chosen, "starts_tried": len(starts.scores), "left_right_swapped": bool(label)}
     return _finish(body, var, label, target, K, (W, H), mask, mask_scale, started, step, metrics)
+
+
+def _split_iterations(cfg: FitConfig, iterations: int) -> FitConfig:
+    """The stages' shares of ``iterations`` steps, in the default proportions (pose at least one)."""
+    names = ("pose_iterations", "shape_pre_iterations", "full_iterations", "shape_post_iterations")
+    counts = [getattr(cfg, n) for n in names]
+    total = max(sum(counts), 1)
+    split = [round(iterations * c / total) for c in counts]
+    split[0] = max(1, split[0])
+    split[2] = max(0, iterations - split[0] - split[1] - split[3])  # the joint stage takes the rounding
+    if split[0] + split[1] + split[2] + split[3] > iterations:  # too few steps for every stage
+        split[1] = split[3] = 0
+        split[2] = max(0, iterations - split[0])
+    return dataclasses.replace(cfg, **dict(zip(names, split)))
 
 
 # -- input ------------------------------------------------------------------------------------
@@ -514,39 +544,63 @@ def _merge_limbs(body: BodyModel, prior: P.BodyPrior, t: _Target, cfg: FitConfig
 
 def _fit_full(body: BodyModel, prior: P.BodyPrior, t: _Target, sil: L.SilhouetteTarget, var: _Variables,
               label: int, cfg: FitConfig, tick: Callable[[float], None]) -> "_Variables":
+    """Stages 3a (shape), 3 (pose + shape), 3c (shape), each from where the last one ended."""
     subset = _vertex_subset(body, cfg.vertex_subset)
     kp_t, conf_t = t.kp[label:label + 1], t.conf[label:label + 1]
     margin = _subset_spacing_px(body, prior, subset, t)
     W2C = _world_to_cam(t.R)
+    edge: list[_Edge] = []  # the contour term's points while a shape stage runs
 
     def objective() -> torch.Tensor:
         params = var.params()
         out = body.forward(params)
         uv, _ = project_torch(out.keypoints, t.K, W2C)
         vuv, _ = project_torch(out.vertices[:, subset], t.K, W2C)
-        return (L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp)
+        loss = (L.keypoint_loss(uv, kp_t, conf_t, t.scale_px, cfg.sigma_kp)
                 + cfg.w_outside * L.outside_loss(vuv, sil, t.scale_px, cfg.sigma_sil)
                 + cfg.w_cover * L.coverage_loss(vuv, sil, t.scale_px, margin, cfg.sigma_sil)
-                + _prior_terms(params, prior, cfg) + cfg.w_arm_depth * _arm_depth_loss(out.keypoints, prior)).sum()
+                + _prior_terms(params, prior, cfg) + cfg.w_arm_depth * _arm_depth_loss(out.keypoints, prior))
+        if edge:
+            cuv, _ = project_torch(edge[0].points(out.vertices), t.K, W2C)
+            loss = loss + cfg.w_contour * L.contour_loss(cuv, sil, t.scale_px, cfg.sigma_contour)
+        return loss.sum()
 
-    if cfg.full_optimizer == "lbfgs":
-        # Quasi-Newton: the depth-ambiguous directions (limb swing toward the camera, turn, size)
-        # are long flat valleys that first-order steps crawl along.
-        tensors = [var.pose, var.orient, var.transl, var.shape_z]
-        opt = torch.optim.LBFGS(tensors, lr=1.0, max_iter=cfg.full_iterations, max_eval=cfg.full_iterations,
-                                history_size=20, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                line_search_fn="strong_wolfe")
+    def refine_shape(n: int) -> None:
+        if n:
+            edge[:] = [_silhouette_edge(body, var.params(), t, sil, cfg.contour_points)]
+            _refine_shape(body, var, t, subset, objective, n, tick, cfg.shape_held)
+            edge.clear()
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = objective()
-            loss.backward()
-            tick(float(loss.detach()))
-            return loss
-
-        opt.step(closure)
+    refine_shape(cfg.shape_pre_iterations)
+    if cfg.full_iterations:
+        if cfg.full_optimizer == "lbfgs":
+            _run_lbfgs([var.pose, var.orient, var.transl, var.shape_z], objective, cfg.full_iterations, tick)
+        else:
+            _run_adam(var, objective, cfg, tick)
         var.clamp_shape()
-        return var
+    refine_shape(cfg.shape_post_iterations)
+    return var
+
+
+def _run_lbfgs(tensors: list[torch.Tensor], objective: Callable[[], torch.Tensor], n: int,
+               tick: Callable[[float], None]) -> None:
+    # Quasi-Newton: the depth-ambiguous directions (limb swing toward the camera, turn, size)
+    # are long flat valleys that first-order steps crawl along.
+    opt = torch.optim.LBFGS(tensors, lr=1.0, max_iter=n, max_eval=n, history_size=20, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        tick(float(loss.detach()))
+        return loss
+
+    opt.step(closure)
+
+
+def _run_adam(var: _Variables, objective: Callable[[], torch.Tensor], cfg: FitConfig,
+              tick: Callable[[float], None]) -> None:
     groups = [{"params": [var.pose], "lr": cfg.lr_pose * 0.5}, {"params": [var.orient], "lr": cfg.lr_orient * 0.5},
               {"params": [var.transl], "lr": cfg.lr_transl * 0.5}, {"params": [var.shape_z], "lr": cfg.lr_shape}]
     opt = torch.optim.Adam(groups)
@@ -559,7 +613,90 @@ def _fit_full(body: BodyModel, prior: P.BodyPrior, t: _Target, sil: L.Silhouette
         opt.step()
         var.clamp_shape()
         tick(float(loss.detach()))
-    return var
+
+
+@dataclass
+class _Edge:
+    """Surface points that rendered on the body's silhouette edge: fixed corners and barycentrics,
+    so they move with the body while a stage runs (the edge is found again for the next one)."""
+
+    corners: torch.Tensor  # (P,3) vertex indices
+    bary: torch.Tensor  # (P,3)
+
+    def points(self, vertices: torch.Tensor) -> torch.Tensor:
+        """(B,V,3) -> (B,P,3)."""
+        return (vertices[:, self.corners] * self.bary[None, :, :, None]).sum(-2)
+
+
+def _silhouette_edge(body: BodyModel, params: BodyParams, t: _Target, sil: L.SilhouetteTarget, limit: int) -> _Edge:
+    """The body's silhouette edge at the mask's resolution, at most ``limit`` points evenly along it."""
+    from .render.raster import rasterize
+
+    faces = torch.as_tensor(body.faces, dtype=torch.long, device=t.K.device)
+    with torch.no_grad():
+        verts = body.forward(params.detach()).vertices[0]
+        K = t.K.clone()  # the mask's pixels (cameras.Camera.scaled)
+        K[:2, :2] *= sil.mask_scale
+        K[:2, 2] = (K[:2, 2] + 0.5) * sil.mask_scale - 0.5
+        r = rasterize(verts @ t.R.T, faces, K, sil.size[0], sil.size[1])
+        pix = L.silhouette_edge(r.face_id)
+        if len(pix) > limit:
+            pix = pix[torch.linspace(0, len(pix) - 1, limit, device=pix.device).round().long()]
+        return _Edge(faces[r.face_id[pix[:, 0], pix[:, 1]]], r.bary[pix[:, 0], pix[:, 1]].to(verts.dtype))
+
+
+def _unit_steps(body: BodyModel, var: _Variables, t: _Target, subset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far each shape value (in prior standard deviations) and each translation axis (metres)
+    must move to shift the projected vertex sample by one pixel (RMS), by finite differences:
+    (S,), (3,). Shape and translation act on the silhouette at scales a hundred times apart, and
+    L-BFGS, which starts with a plain gradient step, needs them on one footing."""
+    S = var.shape_z.shape[1]
+    h_shape, h_transl = 0.1, 0.01
+    with torch.no_grad():
+        base = var.params().detach()
+        B = 1 + S + 3
+        z = var.shape_z.detach().expand(B, S).clone()
+        z[1:S + 1] += h_shape * torch.eye(S, dtype=z.dtype, device=z.device)
+        transl = base.transl.expand(B, 3).clone()
+        transl[S + 1:] += h_transl * torch.eye(3, dtype=z.dtype, device=z.device)
+        shape = var.prior.shape_mean + z * var.prior.shape_std
+        out = body.forward(BodyParams(base.pose.expand(B, -1, -1), shape, base.global_orient.expand(B, 3), transl))
+        uv, _ = project_torch(out.vertices[:, subset], t.K, _world_to_cam(t.R))
+        px = (uv[1:] - uv[:1]).square().sum(-1).mean(-1).sqrt().clamp_min(1e-6)  # (S+3,) px per step
+    return h_shape / px[:S], h_transl / px[S:]
+
+
+def _refine_shape(body: BodyModel, var: _Variables, t: _Target, subset: torch.Tensor,
+                  objective: Callable[[], torch.Tensor], n: int, tick: Callable[[float], None],
+                  held: tuple[str, ...]) -> None:
+    """Shape and translation with the pose held, in steps of about one silhouette pixel (a shape
+    step at most one prior standard deviation: a value that barely shows must not leap)."""
+    shape_step, transl_step = _unit_steps(body, var, t, subset)
+    shape_step = shape_step.clamp_max(1.0)
+    for i, name in enumerate(body.shape_names):
+        if name in held:
+            shape_step[i] = 0.0
+    z0, transl0 = var.shape_z.detach().clone(), var.transl.detach().clone()
+    dz, dt = torch.zeros_like(z0, requires_grad=True), torch.zeros_like(transl0, requires_grad=True)
+    pose, orient = var.pose, var.orient
+    var.pose, var.orient = pose.detach(), orient.detach()  # held: no gradients to compute
+
+    def move() -> None:
+        var.shape_z, var.transl = z0 + dz * shape_step, transl0 + dt * transl_step
+
+    def shifted() -> torch.Tensor:
+        move()
+        return objective()
+
+    try:
+        _run_lbfgs([dz, dt], shifted, n, tick)
+    finally:
+        with torch.no_grad():
+            move()
+        var.shape_z = var.shape_z.detach().requires_grad_(True)
+        var.transl = var.transl.detach().requires_grad_(True)
+        var.pose, var.orient = pose, orient
+    var.clamp_shape()
 
 
 _SUBSETS: "weakref.WeakKeyDictionary[BodyModel, dict[int, torch.Tensor]]" = weakref.WeakKeyDictionary()

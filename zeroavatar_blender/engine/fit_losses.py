@@ -44,12 +44,14 @@ class SilhouetteTarget:
     points: torch.Tensor  # (N,2) samples of mask pixels in ORIGINAL px (edge-heavy)
     mask_scale: float  # mask px per original px
     size: tuple[int, int]  # (w, h) of the mask
+    signed: torch.Tensor  # (1,1,h,w) signed distance to the mask's edge in ORIGINAL px, negative inside
 
 
 def silhouette_target(mask: np.ndarray, mask_scale: float, *, max_points: int = 900, seed: int = 0,
                       dtype: torch.dtype = torch.float32) -> SilhouetteTarget:
-    """Distance transform outside the mask plus a sample of mask pixels (mostly along its edge,
-    where coverage errors show; a sparse interior grid keeps holes from opening)."""
+    """Distance transform outside the mask, the signed distance to its edge (for the contour
+    term) and a sample of mask pixels (mostly along its edge, where coverage errors show; a sparse
+    interior grid keeps holes from opening)."""
     from scipy import ndimage
 
     inside = np.asarray(mask, dtype=np.float32) > 0.5
@@ -58,6 +60,7 @@ def silhouette_target(mask: np.ndarray, mask_scale: float, *, max_points: int = 
         outside = ndimage.distance_transform_edt(~inside).astype(np.float32) / mask_scale
     else:  # no mask: nothing to compare with (the keypoints still fit the body)
         outside = np.zeros(inside.shape, np.float32)
+    signed = signed_edge_distance(inside) / mask_scale
     edge = inside & ~ndimage.binary_erosion(inside)
     interior = inside & ~edge
     rng = np.random.default_rng(seed)
@@ -71,17 +74,60 @@ def silhouette_target(mask: np.ndarray, mask_scale: float, *, max_points: int = 
     pts = np.concatenate(picks, 0).astype(np.float32) if picks else np.zeros((0, 2), np.float32)
     pts = (pts + 0.5) / mask_scale - 0.5  # mask pixel centres -> original px
     return SilhouetteTarget(torch.as_tensor(outside, dtype=dtype)[None, None], torch.as_tensor(pts, dtype=dtype),
-                            float(mask_scale), (w, h))
+                            float(mask_scale), (w, h), torch.as_tensor(signed, dtype=dtype)[None, None])
+
+
+def signed_edge_distance(inside: np.ndarray) -> np.ndarray:
+    """Signed distance (px) from each pixel centre to the mask's edge, which runs half a pixel
+    outside its border pixels: negative inside, positive outside, 0 everywhere for an empty or full
+    mask (no edge to find). (h,w) bool -> (h,w) float32."""
+    from scipy import ndimage
+
+    inside = np.asarray(inside, bool)
+    if inside.all() or not inside.any():
+        return np.zeros(inside.shape, np.float32)
+    out = ndimage.distance_transform_edt(~inside) - 0.5
+    into = ndimage.distance_transform_edt(inside) - 0.5
+    return np.where(inside, -into, out).astype(np.float32)
 
 
 def sample_outside(target: SilhouetteTarget, uv: torch.Tensor) -> torch.Tensor:
     """Distance to the mask (original px) at projected points; 0 off the image, where nothing is
     known (a half-body photo's legs). uv (B,N,2) original px -> (B,N)."""
+    return _sample(target.outside, target, uv)
+
+
+def _sample(image: torch.Tensor, target: SilhouetteTarget, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of a (1,1,h,w) field at the mask's resolution, 0 off the image:
+    uv (B,N,2) original px -> (B,N)."""
     w, h = target.size
     m = (uv + 0.5) * target.mask_scale - 0.5
     grid = torch.stack([m[..., 0] / max(w - 1, 1), m[..., 1] / max(h - 1, 1)], -1) * 2 - 1
-    field = target.outside.expand(uv.shape[0], -1, -1, -1)
+    field = image.expand(uv.shape[0], -1, -1, -1)
     return F.grid_sample(field, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0, 0]
+
+
+def silhouette_edge(face_id: torch.Tensor) -> torch.Tensor:
+    """Pixels on the edge of a rendered silhouette: covered pixels with an uncovered 4-neighbour
+    inside the image (the image's own border is not an edge: a cropped body goes on beyond it).
+    (h,w) int face ids, -1 uncovered -> (P,2) int64 (row, column)."""
+    inside = face_id >= 0
+    pad = F.pad(inside[None, None].float(), (1, 1, 1, 1), mode="replicate")[0, 0] > 0.5
+    hole = ~pad[:-2, 1:-1] | ~pad[2:, 1:-1] | ~pad[1:-1, :-2] | ~pad[1:-1, 2:]
+    return (inside & hole).nonzero()
+
+
+def contour_loss(uv: torch.Tensor, target: SilhouetteTarget, scale_px: float, sigma: float) -> torch.Tensor:
+    """The body's silhouette edge against the mask's edge, signed: a body too thin for its mask
+    is pulled out as hard as a too-wide one is pulled in, which the one-sided outside and coverage
+    terms cannot do within a vertex spacing. ``uv`` are surface points that rendered on the body's
+    own edge pixels, half a pixel inside its edge like the mask's border pixels inside the mask's;
+    off the image nothing is known (0). The robust penalty lets a skirt or a blob go.
+    uv (B,P,2) original px -> (B,) robust mean."""
+    if uv.shape[1] == 0:
+        return uv.new_zeros(uv.shape[0])
+    d = (_sample(target.signed, target, uv) + 0.5 / target.mask_scale) / scale_px
+    return geman_mcclure(d.square(), sigma).mean(-1)
 
 
 def outside_loss(uv: torch.Tensor, target: SilhouetteTarget, scale_px: float, sigma: float) -> torch.Tensor:
