@@ -129,6 +129,19 @@ def write_report(results: list, machine: dict, quick: bool, path: Path, steps: i
     path.write_text(text)
 
 
+def merged_results(previous: Path, new: list) -> list:
+    """The last run's results with the (case, quality) pairs in ``new`` replaced, in the last
+    run's order (new pairs at the end): rerunning one case after a fix that only touches it."""
+    from zeroavatar_blender.evaluation.benchmark import CaseResult
+
+    if not previous.exists():
+        return new
+    fresh = {(r.case, r.quality): r for r in new}
+    old = [CaseResult(**d) for d in json.loads(previous.read_text())["results"]]
+    out = [fresh.pop((r.case, r.quality), r) for r in old]
+    return out + list(fresh.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CASES)}, standard with fewer steps")
@@ -137,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qualities", nargs="*", default=None)
     parser.add_argument("--steps", type=int, default=None, help="optimisation steps for standard/full")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other cases' rows of the last run (OUT/results.json) and replace only these")
     args = parser.parse_args(argv)
 
     from zeroavatar_blender.engine.body import load_body
@@ -163,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_docs:
             gallery(folder, jobs, DOCS / "gallery" / f"{folder.name}.png")
     machine = machine_description()
+    if args.merge:
+        results = merged_results(args.out / "results.json", results)
     (args.out / "results.json").write_text(json.dumps({"machine": machine, "results": [r.__dict__ for r in results]}, indent=1))
     if not args.no_docs:
         write_report(results, machine, args.quick, DOCS / "BENCHMARKS.md", steps)

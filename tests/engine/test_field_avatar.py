@@ -110,3 +110,19 @@ def test_field_surface_is_the_union_with_the_body_inside_the_person_mask():
     assert abs(top_of(merged, (0, 0), 0.3)) < h  # the pit in the masked ball is filled by the body
     assert top_of(plain, (0, 0), 0.3) < -0.03  # ... which the field alone leaves open
     assert top_of(merged, (0.65, 0), 0.2) < -0.03  # the ball outside the mask keeps the field's pit
+
+
+def test_reference_mask_counts_off_image_points_as_unknown_not_empty():
+    """A half-body photo's legs lie off the image: the union keeps the body there (mask 1), while
+    on the image an empty mask pixel still rules the body out."""
+    from zeroavatar_blender.engine.cameras import Camera, intrinsics, look_at
+    from zeroavatar_blender.engine.field_avatar import ReferenceSilhouette
+
+    cam = Camera(intrinsics(64, 64, 80.0), look_at(np.array([0.0, -4.0, 0.0]), np.zeros(3)), 64, 64)
+    mask = np.zeros((64, 64))
+    mask[:, :32] = 1.0
+    sil = ReferenceSilhouette(cam, mask, None)
+    points = np.array([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -9.0], [9.0, 0.0, 0.0]])
+    uv = cam.project(points)
+    assert uv[0, 0] < 31 and 33 < uv[1, 0] < 63 and (uv[2, 1] > 64 or uv[2, 1] < 0) and uv[3, 0] > 64
+    np.testing.assert_allclose(sil.mask_at(points), [1.0, 0.0, 1.0, 1.0], atol=1e-6)

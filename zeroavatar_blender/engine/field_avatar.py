@@ -92,10 +92,18 @@ class ReferenceSilhouette:
     excess: np.ndarray | None  # (H, W) metres the person is thicker than the body (priors.py)
 
     def mask_at(self, points: np.ndarray) -> np.ndarray:
-        """The mask along each point's ray (bilinear; 0 off the image). (N,3) world -> (N,)."""
+        """The mask along each point's ray (bilinear), 1 off the image: the photo says nothing
+        there (a half-body photo's legs), so the body stays the best guess, as in the fit.
+        (N,3) world -> (N,)."""
         from .priors import excess_at_points
 
-        return excess_at_points(points, self.camera, self.mask.astype(np.float32))
+        values = excess_at_points(points, self.camera, self.mask.astype(np.float32))
+        if len(points) == 0:
+            return values
+        uv = self.camera.project(np.asarray(points, np.float64))
+        H, W = self.mask.shape
+        off = (uv[:, 0] < -0.5) | (uv[:, 0] > W - 0.5) | (uv[:, 1] < -0.5) | (uv[:, 1] > H - 0.5)
+        return np.where(off, 1.0, values)
 
     def excess_at(self, points: np.ndarray) -> np.ndarray:
         """The garment evidence (metres) along each point's ray, 0 without it. (N,3) -> (N,)."""
