@@ -31,7 +31,7 @@ from zeroavatar_blender.engine.body.base import BodyParams
 
 REPO_MODULE = "zeroavatar_e2e"  # the temporary user extension repository
 ADDON = f"bl_ext.{REPO_MODULE}.zeroavatar_blender"
-STEPS = 30
+STEPS = 90  # enough that the cancel below lands before the run ends, however fast the steps are
 # The engine's tiny settings (as tests/engine/test_faults.py), with enough body distillation that
 # the field has a surface from the first step (fewer steps leave it empty for a while: no previews).
 TINY = {"n_levels": 6, "log2_hashmap_size": 12, "max_resolution": 128, "n_samples": 24, "ref_resolution": 64,
