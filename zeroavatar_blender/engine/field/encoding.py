@@ -218,7 +218,8 @@ class HashGridEncoding(nn.Module):
         if k < self.config.n_levels:
             parts.append(hashed_rows(base[:, k:], self.table_sizes[k:]))
         rows = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]) + self.offsets32[None, :, None]
-        # index_select, not embedding: its backward is a plain index_add (20x faster on CPU).
+        # A gather, not nn.Embedding: its backward is a plain scatter-add (20x faster on CPU), and
+        # gather_rows makes that scatter column-wise on the CPU (see _GatherRows).
         feats = gather_rows(self.embeddings, rows.reshape(-1)).reshape(*rows.shape, -1)  # (N, L, 8, F)
         out = (trilinear_weights(frac).unsqueeze(-2) @ feats).squeeze(-2)  # (N, L, F), a batched matmul
         return out.reshape(x.shape[0], -1)
