@@ -16,6 +16,14 @@ import torch
 FRONT_VIEW_R = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 
 
+def scaled_intrinsics(K, factor: float):
+    """Intrinsics (numpy or torch 3x3) for an image resized by ``factor``, pixel centres kept."""
+    K = K.copy() if isinstance(K, np.ndarray) else K.clone()
+    K[:2, :2] *= factor
+    K[:2, 2] = (K[:2, 2] + 0.5) * factor - 0.5
+    return K
+
+
 @dataclass
 class Camera:
     K: np.ndarray  # (3,3) intrinsics in pixels of an image of (width, height)
@@ -37,10 +45,7 @@ class Camera:
 
     def scaled(self, factor: float) -> "Camera":
         """The same camera for an image resized by ``factor`` (pixel centres kept)."""
-        K = self.K.copy()
-        K[:2, :2] *= factor
-        K[:2, 2] = (K[:2, 2] + 0.5) * factor - 0.5
-        return Camera(K, self.world_to_cam.copy(), max(1, round(self.width * factor)), max(1, round(self.height * factor)))
+        return Camera(scaled_intrinsics(self.K, factor), self.world_to_cam.copy(), max(1, round(self.width * factor)), max(1, round(self.height * factor)))
 
     def project(self, points: np.ndarray) -> np.ndarray:
         """(N,3) world -> (N,2) pixels."""

@@ -95,15 +95,13 @@ class ReferenceSilhouette:
         """The mask along each point's ray (bilinear), 1 off the image: the photo says nothing
         there (a half-body photo's legs), so the body stays the best guess, as in the fit.
         (N,3) world -> (N,)."""
-        from .priors import excess_at_points
+        from .priors import points_to_pixels, sample_map
 
-        values = excess_at_points(points, self.camera, self.mask.astype(np.float32))
-        if len(points) == 0:
-            return values
-        uv = self.camera.project(np.asarray(points, np.float64))
+        pix, in_front = points_to_pixels(points, self.camera)
         H, W = self.mask.shape
-        off = (uv[:, 0] < -0.5) | (uv[:, 0] > W - 0.5) | (uv[:, 1] < -0.5) | (uv[:, 1] > H - 0.5)
-        return np.where(off, 1.0, values)
+        seen = in_front & (pix[:, 0] >= -0.5) & (pix[:, 0] <= W - 0.5) & (pix[:, 1] >= -0.5) & (pix[:, 1] <= H - 0.5)
+        values = sample_map(torch.as_tensor(self.mask, dtype=torch.float32), pix)
+        return torch.where(seen, values, 1.0).numpy()
 
     def excess_at(self, points: np.ndarray) -> np.ndarray:
         """The garment evidence (metres) along each point's ray, 0 without it. (N,3) -> (N,)."""

@@ -47,7 +47,7 @@ import torch
 from . import fit_losses as L
 from . import pose_prior as P
 from .body.base import COCO17, COCO17_MIRROR, BodyModel, BodyParams, rotvec_to_matrix
-from .cameras import FRONT_VIEW_R, Camera, intrinsics, project_torch
+from .cameras import FRONT_VIEW_R, Camera, intrinsics, project_torch, scaled_intrinsics
 from .errors import BadInputError, NoPersonError
 
 FIT_FORMAT = "zeroavatar.fit"
@@ -635,9 +635,7 @@ def _silhouette_edge(body: BodyModel, params: BodyParams, t: _Target, sil: L.Sil
     faces = torch.as_tensor(body.faces, dtype=torch.long, device=t.K.device)
     with torch.no_grad():
         verts = body.forward(params.detach()).vertices[0]
-        K = t.K.clone()  # the mask's pixels (cameras.Camera.scaled)
-        K[:2, :2] *= sil.mask_scale
-        K[:2, 2] = (K[:2, 2] + 0.5) * sil.mask_scale - 0.5
+        K = scaled_intrinsics(t.K, sil.mask_scale)  # the mask's pixels
         r = rasterize(verts @ t.R.T, faces, K, sil.size[0], sil.size[1])
         pix = L.silhouette_edge(r.face_id)
         if len(pix) > limit:

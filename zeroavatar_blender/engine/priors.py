@@ -140,8 +140,13 @@ def excess_at_points(points: np.ndarray, camera: Camera, excess: np.ndarray) -> 
     """The silhouette excess (metres) along each point's ray in ``camera`` (whose image is the
     map's): the evidence the photo gives of a garment at and behind that pixel.
     (N,3) world -> (N,) float, 0 outside the image or behind the camera."""
+    pix, in_front = points_to_pixels(points, camera)
+    return (sample_map(torch.as_tensor(excess, dtype=torch.float32), pix) * in_front).numpy()
+
+
+def points_to_pixels(points: np.ndarray, camera: Camera) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,3) world -> (N,2) float32 pixel coordinates in ``camera`` and (N,) bool "in front of it"."""
     K, w2c = camera.torch(torch.float64)
     cam = torch.as_tensor(np.asarray(points, np.float64)) @ w2c[:3, :3].T + w2c[:3, 3]
     z = cam[:, 2]
-    pix = (cam @ K.T)[:, :2] / z.clamp_min(1e-6)[:, None]
-    return (sample_map(torch.as_tensor(excess, dtype=torch.float32), pix.float()) * (z > 0)).numpy()
+    return ((cam @ K.T)[:, :2] / z.clamp_min(1e-6)[:, None]).float(), z > 0
