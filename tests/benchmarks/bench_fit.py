@@ -51,6 +51,13 @@ POSES: dict[str, dict[str, tuple[float, float, float]]] = {
         "upperarm01.L": (0.0, -0.7, 0.0), "upperarm01.R": (0.5, 0.6, 0.0),
         "lowerarm01.R": (-0.45, 0.0, 0.39),
     },
+    "crouching": {  # as the benchmark photos' crouch (evaluation.poses): thighs forward, shins back
+        "upperleg01.L": (-1.4, 0.0, -0.17), "upperleg01.R": (-1.4, 0.0, 0.17),
+        "lowerleg01.L": (1.92, 0.0, 0.0), "lowerleg01.R": (1.92, 0.0, 0.0),
+        "foot.L": (-0.52, 0.0, 0.0), "foot.R": (-0.52, 0.0, 0.0), "spine04": (-0.44, 0.0, 0.0),
+        "upperarm01.L": (-0.7, 0.35, 0.0), "upperarm01.R": (-0.7, -0.35, 0.0),
+        "lowerarm01.L": (-0.7, 0.0, 0.0), "lowerarm01.R": (-0.7, 0.0, 0.0),
+    },
     "half_body": {
         "upperarm01.L": (0.0, 0.3, 0.0), "upperarm01.R": (-0.3, -0.2, 0.0),
         "lowerarm01.R": (-0.68, 0.0, 0.59), "head": (0.1, 0.0, 0.15),
@@ -85,6 +92,7 @@ CASES: dict[str, Case] = {c.name: c for c in (
          size=(480, 640), seed=5),
     Case("heavy", "walking", {"gender": 0.1, "weight": 0.9, "muscle": 0.3}, yaw_deg=-5, distance=3.2, seed=7),
 )}
+CROUCH = Case("crouch", "crouching", {"gender": 0.3}, yaw_deg=0, distance=3.0, seed=8)
 HALF_BODY = Case("half_body", "half_body", {"gender": 0.4}, yaw_deg=-5, distance=1.5, camera_height=0.45,
                  aim=(0.0, 0.0, 0.35), seed=6)
 

@@ -113,3 +113,36 @@ def test_contour_loss_pulls_both_ways_and_vanishes_on_the_edge():
     assert inside == pytest.approx(outside, rel=1e-6) and inside > 0
     assert g_in > 0 > g_out  # descent moves x toward 10 from both sides
     assert L.contour_loss(torch.zeros(1, 0, 2, dtype=torch.float64), target, scale, 0.1).shape == (1,)
+
+
+def test_bone_tilt_is_the_sine_out_of_the_image_plane():
+    kp = torch.zeros(17, 3, dtype=torch.float64)
+    kp[13] = torch.tensor([0.0, 0.4, 0.0])  # left knee straight below the hip (y down)
+    kp[15] = kp[13] + torch.tensor([0.0, 0.3, 0.3])  # shin 45 degrees away from the camera
+    tilt = L.bone_tilt(kp)
+    bones = list(L.TILT_BONES)
+    assert tilt[bones.index((11, 13))] == pytest.approx(0.0)
+    assert tilt[bones.index((13, 15))] == pytest.approx(math.sqrt(0.5))
+
+
+def test_tilt_terms_only_push_a_bone_across_to_the_detectors_side():
+    ref = torch.tensor([[0.6, -0.6, 0.6]], dtype=torch.float64)
+    weight = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    fitted = torch.tensor([[0.3, -0.2, -0.9], [-0.5, 0.5, -0.9]], dtype=torch.float64, requires_grad=True)
+    terms = L.tilt_terms(fitted, ref, weight, share=0.3)
+    # On the detector's side by at least 30 % of its tilt: nothing, whatever the amount.
+    assert terms[0, :2].tolist() == [0.0, 0.0]
+    # Across the image plane: the shortfall squared, and the gradient points to the detector's side.
+    assert terms[1, 0].item() == pytest.approx((0.18 + 0.5) ** 2)
+    assert terms[1, 1].item() == pytest.approx((0.18 + 0.5) ** 2)
+    assert terms[:, 2].abs().sum() == 0  # weight 0: a bone the detector is unsure about
+    terms.sum().backward()
+    assert fitted.grad[1, 0] < 0 and fitted.grad[1, 1] > 0
+
+
+def test_tilt_by_keypoint_lands_on_the_child_joint():
+    terms = torch.arange(1.0, 9.0)[None]
+    per_kp = L.tilt_by_keypoint(terms)
+    assert per_kp.sum() == terms.sum()
+    for i, (_, child) in enumerate(L.TILT_BONES):
+        assert per_kp[0, child] == terms[0, i]

@@ -53,6 +53,12 @@ def test_full_body_render_keypoints_and_mask(full_body):
     x0, y0, x1, y1 = p.bbox
     assert abs(x0 - xs.min()) < 8 and abs(x1 - xs.max() - 1) < 8 and abs(y0 - ys.min()) < 8 and abs(y1 - ys.max() - 1) < 8
     assert not messages  # one person, legs visible: nothing to say
+    # The detector's own 3D guess: metres, hip-centred, y down, the subject's left on the image's right.
+    kp3 = p.keypoints3d
+    assert kp3 is not None and kp3.shape == (17, 3) and kp3.dtype == np.float32
+    assert np.abs(kp3[[11, 12]].mean(0)).max() < 0.05
+    assert 1.0 < kp3[[15, 16], 1].mean() - kp3[[5, 6], 1].mean() < 1.6  # shoulders to ankles
+    assert kp3[5, 0] > kp3[6, 0]
 
 
 def test_keypoints_are_in_original_pixels(tmp_path, anny_body):
@@ -201,11 +207,15 @@ def test_save_load_round_trip(tmp_path, full_body):
     path = tmp_path / "perception.npz"
     p.save(path)
     q = Perception.load(path)
-    for name in ("keypoints", "confidence", "mask", "bbox"):
+    for name in ("keypoints", "confidence", "mask", "bbox", "keypoints3d"):
         assert np.array_equal(getattr(p, name), getattr(q, name)), name
     assert (q.mask_scale, q.image_size, q.person_index, q.num_people) == (p.mask_scale, p.image_size, 0, 1)
     with np.load(path, allow_pickle=False) as z:
         assert z["mask"].dtype == np.uint8
+        older = {k: z[k] for k in z.files if k != "keypoints3d"}
+    older["version"] = np.int64(1)  # a job folder from before the 3D keypoints
+    np.savez(path, **older)
+    assert Perception.load(path).keypoints3d is None
 
 
 def test_load_refuses_pickles_and_junk(tmp_path):

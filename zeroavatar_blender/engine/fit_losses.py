@@ -188,3 +188,32 @@ def upper_arm_depth(kp: torch.Tensor) -> torch.Tensor:
     keypoints of a front view; this is what a prior on it measures."""
     arm = F.normalize(kp[:, list(_ELBOWS)] - kp[:, list(_SHOULDERS)], dim=-1)  # (B,2,3)
     return (arm * body_forward(kp)[:, None]).sum(-1)
+
+
+# COCO (parent, child) bones whose tilt toward or away from the camera the detector's 3D keypoints
+# vouch for: upper arms, forearms, thighs, shins. Not the torso: BlazePose's torso lean was off
+# by up to 20 cm in depth on the benchmark photos (a crouch's forward lean seen as upright).
+TILT_BONES = ((5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16))
+
+
+def bone_tilt(kp: torch.Tensor) -> torch.Tensor:
+    """Sine of each TILT_BONES bone's angle out of the image plane, positive when its child is
+    farther from the camera: (...,17,3) camera-space keypoints -> (...,8)."""
+    parent, child = [b[0] for b in TILT_BONES], [b[1] for b in TILT_BONES]
+    d = kp[..., child, :] - kp[..., parent, :]
+    return d[..., 2] / d.norm(dim=-1).clamp_min(1e-9)
+
+
+def tilt_terms(tilt: torch.Tensor, ref: torch.Tensor, weight: torch.Tensor, share: float) -> torch.Tensor:
+    """Each bone's squared shortfall from pointing the way the detector saw it: at least ``share``
+    of the detector's tilt on the detector's side of the image plane, nothing once it is. One-sided
+    because the detector is right about the side far more often than about the amount; the 2D
+    keypoints then settle the amount. tilt (B,8), ref and weight (B or 1,8) -> (B,8)."""
+    side = torch.sign(ref)
+    return weight * F.relu(share * ref.abs() - side * tilt).square()
+
+
+def tilt_by_keypoint(terms: torch.Tensor) -> torch.Tensor:
+    """Bone terms (B,8) gathered onto their child keypoints (B,17), for per-limb bookkeeping."""
+    out = terms.new_zeros(terms.shape[0], 17)
+    return out.index_add(1, torch.tensor([b[1] for b in TILT_BONES], device=terms.device), terms)

@@ -49,7 +49,7 @@ MIN_PRESENCE = 0.5
 MAX_PEOPLE = 8
 MIN_CROP_SIDE = 96
 ERASE_GREY = 127
-PERCEPTION_VERSION = 1
+PERCEPTION_VERSION = 2  # 2: adds the detector's 3D keypoints (files of version 1 load without them)
 
 
 @dataclass
@@ -62,6 +62,11 @@ class Perception:
     bbox: np.ndarray  # (4,) x0, y0, x1, y1 of the person in original px
     person_index: int  # which person was chosen (0-based, left to right)
     num_people: int
+    # (17,3) float32 metres, the detector's own 3D guess of the COCO-17 keypoints: hip-centred, x
+    # right, y down, z away from the camera (as BlazePose's world landmarks). Coarse (5-15 cm off
+    # in depth on the benchmark photos) but it knows which way a foreshortened limb points, which
+    # 2D keypoints cannot tell. None when unknown (an older perception file).
+    keypoints3d: np.ndarray | None = None
 
     def save(self, path: str | Path) -> None:
         """An .npz of plain arrays (no pickle); the mask is stored as exact uint8 levels."""
@@ -70,7 +75,8 @@ class Perception:
             keypoints=self.keypoints.astype(np.float32), confidence=self.confidence.astype(np.float32),
             mask=quantise_mask(self.mask), mask_scale=np.float64(self.mask_scale),
             image_size=np.asarray(self.image_size, np.int64), bbox=self.bbox.astype(np.float32),
-            person_index=np.int64(self.person_index), num_people=np.int64(self.num_people))
+            person_index=np.int64(self.person_index), num_people=np.int64(self.num_people),
+            **({} if self.keypoints3d is None else {"keypoints3d": self.keypoints3d.astype(np.float32)}))
 
     @staticmethod
     def load(path: str | Path) -> "Perception":
@@ -80,11 +86,13 @@ class Perception:
                     keypoints=z["keypoints"].astype(np.float32), confidence=z["confidence"].astype(np.float32),
                     mask=z["mask"].astype(np.float32) / 255.0, mask_scale=float(z["mask_scale"]),
                     image_size=(int(z["image_size"][0]), int(z["image_size"][1])), bbox=z["bbox"].astype(np.float32),
-                    person_index=int(z["person_index"]), num_people=int(z["num_people"]))
+                    person_index=int(z["person_index"]), num_people=int(z["num_people"]),
+                    keypoints3d=z["keypoints3d"].astype(np.float32) if "keypoints3d" in z.files else None)
         except (OSError, KeyError, ValueError, IndexError) as exc:
             raise BadInputError(f"cannot read the perception file {path}: {exc}",
                                 "run the perception stage again (it rewrites the file)") from exc
-        if p.keypoints.shape != (17, 2) or p.confidence.shape != (17,) or p.mask.ndim != 2 or p.bbox.shape != (4,):
+        if (p.keypoints.shape != (17, 2) or p.confidence.shape != (17,) or p.mask.ndim != 2 or p.bbox.shape != (4,)
+                or (p.keypoints3d is not None and p.keypoints3d.shape != (17, 3))):
             raise BadInputError(f"the perception file {path} has unexpected array shapes",
                                 "run the perception stage again (it rewrites the file)")
         return p
@@ -162,8 +170,9 @@ def close_models() -> None:
         _MODELS.clear()
 
 
-def _run_pose(rgb: np.ndarray, min_detection: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """One BlazePose call: ((33, 3) normalised x, y, visibility; (h, w) mask) or None."""
+def _run_pose(rgb: np.ndarray, min_detection: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """One BlazePose call: ((33, 3) normalised x, y, visibility; (h, w) mask; (33, 3) world
+    landmarks in metres or None) or None."""
     image = np.ascontiguousarray(rgb, dtype=np.uint8)
     with _LOCK:
         model = _pose_model(min_detection)
@@ -172,10 +181,13 @@ def _run_pose(rgb: np.ndarray, min_detection: float) -> tuple[np.ndarray, np.nda
     if result.pose_landmarks is None:
         return None
     lm = np.array([(p.x, p.y, p.visibility) for p in result.pose_landmarks.landmark], dtype=np.float64)
+    world = None
+    if result.pose_world_landmarks is not None:
+        world = np.array([(p.x, p.y, p.z) for p in result.pose_world_landmarks.landmark], dtype=np.float64)
     mask = result.segmentation_mask
     if mask is None:
         mask = np.zeros(image.shape[:2], np.float32)
-    return lm, np.asarray(mask, np.float32)
+    return lm, np.asarray(mask, np.float32), world
 
 
 # -- people in working-image pixels -------------------------------------------------------------
@@ -186,6 +198,7 @@ class _Person:
     visibility: np.ndarray  # (33,)
     mask: np.ndarray  # (h, w) float32, zero outside the region it was found in
     region: tuple[int, int, int, int]  # x0, y0, x1, y1 of the crop it was found in
+    world: np.ndarray | None = None  # (33, 3) BlazePose world landmarks, metres, hip-centred
 
     def coco_confidence(self, w: int, h: int) -> np.ndarray:
         pts = self.points[MEDIAPIPE_TO_COCO]
@@ -216,11 +229,11 @@ def _detect(image: np.ndarray, region: tuple[int, int, int, int],
     out = _run_pose(image[y0:y1, x0:x1], min_detection)
     if out is None:
         return None
-    lm, crop_mask = out
+    lm, crop_mask, world = out
     points = lm[:, :2] * np.array([x1 - x0, y1 - y0]) + np.array([x0, y0])
     mask = np.zeros(image.shape[:2], np.float32)
     mask[y0:y1, x0:x1] = crop_mask[: y1 - y0, : x1 - x0]
-    return _Person(points, lm[:, 2], mask, region)
+    return _Person(points, lm[:, 2], mask, region, world)
 
 
 def _plausible(p: _Person, w: int, h: int) -> bool:
@@ -438,5 +451,6 @@ def perceive(photo: Photo, person: int | None = None,
     legs = conf[13:17]
     if legs.mean() < 0.3:
         say(f"The legs are not visible in {name}: the avatar's legs will be guessed from the body model")
+    kp3 = None if chosen.world is None else chosen.world[MEDIAPIPE_TO_COCO].astype(np.float32)
     return Perception(kp.astype(np.float32), conf, mask, float(photo.scale), (int(W), int(H)),
-                      bbox.astype(np.float32), index, n)
+                      bbox.astype(np.float32), index, n, kp3)
