@@ -121,8 +121,7 @@ def reference_silhouette(photo, perception, fit, body_vertices: torch.Tensor, bo
     faces = torch.as_tensor(body_faces, dtype=torch.long)
     cam, _, mask, depth = reference_view(photo.rgb, perception.mask, fit.camera.scaled(photo.scale), posed, faces,
                                          int(field_cfg.get("ref_resolution", 256)))
-    excess = (reference_excess(mask, depth, cam, radius_guess(fit, posed), float(field_cfg.get("garment_band_m", 0.0)))
-              if field_cfg.get("garment_proxy", False) else None)
+    excess = reference_excess(mask, depth, cam, radius_guess(fit, posed)) if field_cfg.get("garment_proxy", False) else None
     return ReferenceSilhouette(cam, mask.clamp(0, 1).numpy(), excess)
 
 

@@ -71,7 +71,6 @@ class OptimiseConfig:
     w_uv_prior: Any = ((0, 1.0), (0.7, 0.2))
     w_body_prior: Any = ((0, 0.05), (0.5, 0.02))
     garment_proxy: bool = True  # the body prior grows where the person's silhouette is wider than the body's (priors.py)
-    garment_band_m: float = 0.0  # on the body, garment thickness is the median over this length along the body (priors.py)
     w_sds: Any = 0.0
     depth_switch_step: float = 0.5  # full: ControlNet depth from the body until this fraction, then the field's
     guidance_scale: float = 50.0
@@ -217,8 +216,7 @@ def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, 
     faces = torch.as_tensor(body.faces, dtype=torch.long)
     ref_cam, ref_rgb, ref_mask, ref_depth = reference_view(photo.rgb, perception.mask, work_cam, posed, faces,
                                                            config.ref_resolution)
-    excess = (reference_excess(ref_mask, ref_depth, ref_cam, radius_guess(fit, posed), config.garment_band_m)
-              if config.garment_proxy else None)
+    excess = reference_excess(ref_mask, ref_depth, ref_cam, radius_guess(fit, posed)) if config.garment_proxy else None
 
     lo, hi = posed.min(0).values.numpy(), posed.max(0).values.numpy()
     target = (lo + hi) / 2
@@ -254,14 +252,13 @@ def reference_view(photo_rgb: np.ndarray, mask: np.ndarray | None, work_cam: Cam
     return ref_cam, ref_rgb, ref_mask, ref_depth
 
 
-def reference_excess(ref_mask: torch.Tensor, ref_depth: torch.Tensor, ref_cam: Camera, fallback_depth: float,
-                     band_m: float = 0.0) -> np.ndarray:
+def reference_excess(ref_mask: torch.Tensor, ref_depth: torch.Tensor, ref_cam: Camera, fallback_depth: float) -> np.ndarray:
     """Metres the person is thicker than the fitted body along each reference pixel (priors.py)."""
     from .priors import silhouette_excess
 
     body_px = torch.isfinite(ref_depth)
     z = float(ref_depth[body_px].median()) if bool(body_px.any()) else fallback_depth
-    return silhouette_excess(ref_mask.numpy() > 0.5, body_px.numpy(), z / float(ref_cam.K[0, 0]), band_m=band_m)
+    return silhouette_excess(ref_mask.numpy() > 0.5, body_px.numpy(), z / float(ref_cam.K[0, 0]))
 
 
 def level_set_points(sdf) -> np.ndarray | None:

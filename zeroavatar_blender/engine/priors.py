@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.ndimage import distance_transform_edt, gaussian_filter, median_filter
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 
 from .cameras import Camera
 from .field.body_prior import SdfGrid
@@ -64,7 +64,7 @@ def _transposed(measure, *masks: np.ndarray) -> np.ndarray:
 
 def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per_pixel: float, *,
                       dead_zone: float = DEAD_ZONE_M, max_excess: float = MAX_EXCESS_M,
-                      smooth_px: float = 1.5, band_m: float = 0.0) -> np.ndarray:
+                      smooth_px: float = 1.5) -> np.ndarray:
     """How far (metres) from the fitted body the person's surface may reach along each pixel's ray.
 
     On the body's silhouette: how much thicker the person is there than the body (difference of
@@ -73,11 +73,7 @@ def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per
     whole extra silhouette and is as deep as it is wide. The extra thickness of a row's run is
     capped by that run's extra width, so two body runs joined across a gap the fit leaves (the
     armpits) are not a garment. Zero outside the person mask, and where the person is within
-    ``dead_zone`` of the body (fit error, painted-on clothes). ``band_m`` > 0: on the body, the
-    extra thickness is the median over that length along the body (down the column where rows are
-    measured), since a garment's thickness changes slowly along a limb or torso, while a few rows
-    whose run joins sleeve, jacket and torso (a puffy sleeve touching the jacket at the elbows)
-    read as a thick garment on those rows alone: a plate sticking out of the chest.
+    ``dead_zone`` of the body (fit error, painted-on clothes).
     person_mask, body_mask (H,W) bool; ``metres_per_pixel`` at the subject's depth. -> (H,W) float32.
     """
     person = np.asarray(person_mask, bool)
@@ -104,12 +100,6 @@ def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per
     # extra half-thickness along the ray, at most the run's extra width (see run_extra_width)
     extra = across(run_extra_width, person, body) * metres_per_pixel
     depth = np.maximum(np.minimum(h_person - h_body, extra) - dead_zone, 0.0)
-    if band_m > 0:
-        k = max(3, int(round(band_m / metres_per_pixel)) | 1)
-        d = np.where(person, depth, 0.0)
-        banded = np.where(across_rows, median_filter(d, size=(k, 1), mode="nearest"),
-                          median_filter(d, size=(1, k), mode="nearest"))
-        depth = np.where(body, banded, depth)
     reach = np.where(body, depth, np.where(depth > 0, np.hypot(beside, depth), 0.0))
     reach = np.clip(reach, 0.0, max_excess) * person
     if smooth_px > 0:
