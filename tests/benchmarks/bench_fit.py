@@ -79,6 +79,9 @@ class Case:
     mask_scale: float = 1.0
     noise_px: float = 1.5
     seed: int = 0
+    # The detector's 3D keypoints (Perception.keypoints3d) as the truth with its depth scaled by
+    # this (BlazePose's are on the right side but often too shallow); None: no 3D keypoints.
+    detector_depth: float | None = None
 
 
 CASES: dict[str, Case] = {c.name: c for c in (
@@ -92,7 +95,7 @@ CASES: dict[str, Case] = {c.name: c for c in (
          size=(480, 640), seed=5),
     Case("heavy", "walking", {"gender": 0.1, "weight": 0.9, "muscle": 0.3}, yaw_deg=-5, distance=3.2, seed=7),
 )}
-CROUCH = Case("crouch", "crouching", {"gender": 0.3}, yaw_deg=0, distance=3.0, seed=8)
+CROUCH = Case("crouch", "crouching", {"gender": 0.3}, yaw_deg=0, distance=3.0, seed=8, detector_depth=0.6)
 HALF_BODY = Case("half_body", "half_body", {"gender": 0.4}, yaw_deg=-5, distance=1.5, camera_height=0.45,
                  aim=(0.0, 0.0, 0.35), seed=6)
 
@@ -139,9 +142,13 @@ def make_case(body: BodyModel, case: Case) -> tuple[Perception, Truth]:
     mask = r.mask.numpy()
     ys, xs = np.nonzero(mask)
     bbox = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32) / case.mask_scale
+    kp_cam = camera.to_cam(kp)
+    kp3 = None
+    if case.detector_depth is not None:
+        kp3 = ((kp_cam - kp_cam[[11, 12]].mean(0)) * np.array([1.0, 1.0, case.detector_depth])).astype(np.float32)
     perception = Perception(np.where(inside[:, None], noisy, 0).astype(np.float32), conf, mask.astype(np.float32),
-                            float(case.mask_scale), (W, H), bbox, 0, 1)
-    return perception, Truth(params, camera, camera.to_cam(kp), kp2d, mask)
+                            float(case.mask_scale), (W, H), bbox, 0, 1, kp3)
+    return perception, Truth(params, camera, kp_cam, kp2d, mask)
 
 
 def mpjpe_mm(pred_cam: np.ndarray, true_cam: np.ndarray, *, scale: bool = False) -> float:
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from zeroavatar_blender.engine.body import load_body
     from zeroavatar_blender.engine.fit import FitConfig, fit_body
 
-    cases = {**CASES, HALF_BODY.name: HALF_BODY}
+    cases = {**CASES, HALF_BODY.name: HALF_BODY, CROUCH.name: CROUCH}
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(cases), help="comma-separated, from: " + ", ".join(cases))
     ap.add_argument("--iterations", type=int, default=None, help="pose + full iterations (default: the fit's)")
