@@ -163,6 +163,36 @@ def test_occupancy_skipping_gives_the_same_image_with_fewer_evaluations():
     assert torch.allclose(fast.rgb, full.rgb, atol=1e-4) and torch.allclose(fast.opacity, full.opacity, atol=1e-4)
 
 
+def test_sampled_refresh_evaluates_occupied_cells_and_a_share_of_the_rest():
+    """After the full fill, a training refresh evaluates every occupied cell and a random share
+    of the others (as nerfacc's grid does): a ball that moves is still found, the cells it left
+    fade, and far fewer points are evaluated than a full refresh's."""
+    r, threshold = 32, 0.01
+    seen = []
+
+    def counting(fn):
+        def density(x):
+            seen.append(len(x))
+            return fn(x)
+        return density
+
+    occ = DenseOccupancy(BOX, resolution=r, decay=0.5)
+    occ.update(Ball(radius=0.3).density, threshold, rounds=4)
+    occupied = int((occ.values > threshold).sum())
+    gen = torch.Generator().manual_seed(0)
+    moved = Ball(radius=0.3, centre=(0.45, 0.0, 0.0))
+    for _ in range(20):  # decay 0.5: 20 halvings take the old ball's 2000/m below the threshold
+        seen.clear()
+        occ.update(counting(moved.density), threshold, sample=0.25, generator=gen)
+        assert sum(seen) < occupied + 0.35 * r ** 3
+    ijk = torch.stack(torch.meshgrid(*(torch.arange(r),) * 3, indexing="ij"), -1).reshape(-1, 3)
+    centres = BOX[0] + (ijk + 0.5) * (BOX[1] - BOX[0]) / r
+    inside = moved.density(centres) > threshold
+    assert inside.sum() > 300 and occ(centres[inside]).all()  # every cell the moved ball fills is marched
+    left = Ball(radius=0.3).density(torch.tensor([[-0.25, 0.0, 0.0]]))
+    assert left > 0 and not occ(torch.tensor([[-0.25, 0.0, 0.0]]))  # the cells the ball left have faded
+
+
 def test_renderer_chunks_and_backgrounds():
     ball = Ball(radius=0.5)
     rays, _ = front_camera_rays(20)

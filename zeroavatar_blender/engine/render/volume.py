@@ -136,18 +136,32 @@ class DenseOccupancy:
 
     @torch.no_grad()
     def update(self, density_fn, threshold: float, *, rounds: int = 1, chunk: int = 1 << 18,
-               generator: torch.Generator | None = None) -> float:
+               generator: torch.Generator | None = None, sample: float = 1.0) -> float:
         """Refresh the mask with ``rounds`` jittered points per cell; returns the occupied fraction.
-        ``threshold`` is a density (1/m)."""
+        ``threshold`` is a density (1/m). ``sample`` < 1: once the grid is known, evaluate only the
+        occupied cells and that share of the others (nerfacc's rule after its warm-up); the cells
+        left out keep their decayed value, so an emptied cell still fades."""
         r = self.resolution
         idx = torch.stack(torch.meshgrid(*(torch.arange(r, device=self.aabb.device),) * 3, indexing="ij"), -1)
         idx = idx.reshape(-1, 3).float()
         cell = (self.aabb[1] - self.aabb[0]) / r
         for _ in range(rounds):
-            jitter = torch.rand(idx.shape, generator=generator).to(idx)
-            pts = self.aabb[0] + (idx + jitter) * cell
+            cells = None
+            if self.values is not None and sample < 1.0:
+                draw = torch.rand(len(idx), generator=generator).to(self.values.device)
+                cells = ((self.values > threshold) | (draw < sample)).nonzero().squeeze(1)
+            chosen = idx if cells is None else idx[cells]
+            jitter = torch.rand(chosen.shape, generator=generator).to(chosen)
+            pts = self.aabb[0] + (chosen + jitter) * cell
             density = torch.cat([density_fn(pts[i:i + chunk]) for i in range(0, len(pts), chunk)]).float()
-            self.values = density if self.values is None else torch.maximum(self.values * self.decay, density)
+            if self.values is None:
+                self.values = density
+            elif cells is None:
+                self.values = torch.maximum(self.values * self.decay, density)
+            else:
+                values = self.values * self.decay
+                values[cells] = torch.maximum(values[cells], density)
+                self.values = values
         occ = (self.values > threshold).reshape(1, 1, r, r, r).float()  # type: ignore[operator]
         self.mask = torch.nn.functional.max_pool3d(occ, 3, stride=1, padding=1)[0, 0] > 0
         return float(self.mask.float().mean())
@@ -225,7 +239,8 @@ def cat_outputs(parts: list[RenderOutputs]) -> RenderOutputs:
 
 @dataclass
 class OccupancyGridConfig:
-    """nerfacc occupancy grid (CUDA path)."""
+    """nerfacc occupancy grid (CUDA path); ``update_every``, ``ema_decay`` and ``refresh_share``
+    also drive the CPU path's DenseOccupancy."""
 
     resolution: int = 128
     render_step_size: float | None = None  # metres; None: the box's diagonal / 512
@@ -234,6 +249,9 @@ class OccupancyGridConfig:
     early_stop_eps: float = 1e-4  # stop a ray once its transmittance falls below this
     update_every: int = 16  # steps between grid refreshes while training
     warmup_steps: int = 256  # refresh every cell (not a sample) during the first steps
+    # CPU grid (filled in full after the body distillation): each refresh evaluates the occupied
+    # cells and this share of the rest; the full refresh was a third of a late CPU step
+    refresh_share: float = 0.25
     ema_decay: float = 0.95
 
 
@@ -364,7 +382,7 @@ class VolumeRenderer:
         if self.grid is not None:
             self.grid.update(field, step)
         elif self.cpu_grid is not None and step % self.config.occupancy.update_every == 0:
-            self.cpu_grid.update(field.density, self._cpu_threshold())
+            self.cpu_grid.update(field.density, self._cpu_threshold(), sample=self.config.occupancy.refresh_share)
 
     @torch.no_grad()
     def fill(self, field: RadianceField, rounds: int = 4) -> None:
