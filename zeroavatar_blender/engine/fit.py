@@ -333,8 +333,7 @@ def _torso_scale_px(kp: np.ndarray, conf: np.ndarray, rest_kp: np.ndarray) -> tu
 
 
 def _make_target(kp: np.ndarray, conf: np.ndarray, K: np.ndarray, prior: P.BodyPrior, dtype: torch.dtype,
-                 device: torch.device, kp3: np.ndarray | None = None, cfg: FitConfig | None = None) -> _Target:
-    cfg = cfg or FitConfig()
+                 device: torch.device, kp3: np.ndarray | None, cfg: FitConfig) -> _Target:
     scale_px, _ = _torso_scale_px(kp, conf, prior.rest_keypoints.cpu().double().numpy())
     mirror = list(COCO17_MIRROR)
     kps = torch.tensor(np.stack([kp, kp[mirror]]), dtype=dtype, device=device)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
-from .cameras import Camera
+from .cameras import Camera, project_torch
 from .field.body_prior import SdfGrid
 
 DEAD_ZONE_M = 0.02  # excess thickness below this is fit error, not clothing
@@ -127,11 +127,8 @@ def garment_proxy_sdf(sdf: SdfGrid, camera: Camera, excess: np.ndarray | torch.T
     X, Y, Z = sdf.shape
     axes = [sdf.origin[i].item() + sdf.spacing * torch.arange(n, dtype=torch.float64) for i, n in enumerate((X, Y, Z))]
     pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    K, w2c = camera.torch(torch.float64)
-    cam = pts @ w2c[:3, :3].T + w2c[:3, 3]
-    z = cam[:, 2]
-    pix = (cam @ K.T)[:, :2] / z.clamp_min(1e-6)[:, None]
-    offset = sample_map(excess_t, pix.float()) * (z > 0)
+    pix, in_front = points_to_pixels(pts, camera)
+    offset = sample_map(excess_t, pix) * in_front
     values = sdf.values.cpu() - offset.reshape(X, Y, Z)
     return SdfGrid(values.to(sdf.values.device), sdf.origin, sdf.spacing)
 
@@ -147,6 +144,5 @@ def excess_at_points(points: np.ndarray, camera: Camera, excess: np.ndarray) -> 
 def points_to_pixels(points: np.ndarray, camera: Camera) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,3) world -> (N,2) float32 pixel coordinates in ``camera`` and (N,) bool "in front of it"."""
     K, w2c = camera.torch(torch.float64)
-    cam = torch.as_tensor(np.asarray(points, np.float64)) @ w2c[:3, :3].T + w2c[:3, 3]
-    z = cam[:, 2]
-    return ((cam @ K.T)[:, :2] / z.clamp_min(1e-6)[:, None]).float(), z > 0
+    pix, z = project_torch(torch.as_tensor(np.asarray(points, np.float64)), K, w2c)
+    return pix.float(), z > 0
