@@ -18,18 +18,21 @@ timeout 240 python3 -c "
 import time; t=time.time()
 from zeroavatar_blender.engine.render.cuda_marcher import cuda_marcher_status
 print('marcher', cuda_marcher_status(print), round(time.time()-t,1), 's')" 2>&1 | tail -5 | tee "$OUT/nerfacc_build.log"
+t "random full-size SD1.5 + ControlNet weights"
+timeout 120 python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job --prepare-only 2>&1 | tail -2
+t "full run (default steps)"
+# the benchmark stops the engine itself at --timeout and extrapolates; the outer timeout is a backstop.
+# PROFILE_S seconds are kept for the step profile after it.
+timeout $(( $(left) - ${PROFILE_S:-80} )) python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job \
+  --timeout $(( $(left) - ${PROFILE_S:-80} - 40 )) --json "$OUT/full_run.json" 2>&1 \
+  | grep -v "^\[optimise\] [0-9]*/[0-9]* " | tail -60 > "$OUT/full_run.log"
+tail -45 "$OUT/full_run.log"
 if [ "${SKIP_PROFILE:-0}" = 0 ]; then
-  t "step profile (full, half-way through the schedules)"
-  timeout 120 python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job --prepare-only >/dev/null 2>&1
-  timeout 120 python3 -m tests.benchmarks.profile_step --job .gpu/job --quality full --device cuda --steps 20 --warmup 5 \
+  t "step profile (full, late in the schedules)"
+  timeout $(( $(left) - 3 )) python3 -m tests.benchmarks.profile_step --job .gpu/job --quality full --device cuda --steps 16 --warmup 3 --at-step ${AT_STEP:-0.8} \
     --sd-weights /tmp/zeroavatar_random_sd15/sd15 --controlnet-weights /tmp/zeroavatar_random_sd15/controlnet_depth \
     --json "$OUT/profile.json" 2>&1 | tail -40 | tee "$OUT/profile.log"
 fi
-t "full run (default steps)"
-# the benchmark stops the engine itself at --timeout and extrapolates; the outer timeout is a backstop
-timeout $(( $(left) - 5 )) python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job --timeout $(( $(left) - 60 )) \
-  --json "$OUT/full_run.json" 2>&1 | grep -v "^\[optimise\] [0-9]*/[0-9]* " | tail -60 > "$OUT/full_run.log"
-tail -45 "$OUT/full_run.log"
 if [ "${SKIP_SDS:-1}" = 0 ]; then
   t "SDS speed"
   timeout 70 python3 -m tests.benchmarks.bench_sds_gpu --batches 1,2 --steps 10 --warmup 3 --full-steps 2500 \
