@@ -7,21 +7,9 @@ import torch
 
 from zeroavatar_blender.engine.cameras import Camera, intrinsics, look_at
 from zeroavatar_blender.engine.surface_colour import (
-    ColourPriors, bone_chains, build_colour_priors, colour_surface, through_colours, visible_in_photo,
+    ColourPriors, build_colour_priors, colour_surface, through_colours, visible_in_photo,
 )
 from zeroavatar_blender.engine.texture import SMOOTHED, UVTexture
-
-
-def test_bone_chains_follow_unbranched_runs():
-    #      0
-    #    /   \
-    #   1     3
-    #   |    / \
-    #   2   4   5
-    parents = np.array([-1, 0, 1, 0, 3, 3])
-    chain = bone_chains(parents)
-    assert chain[2] == chain[1] == 1  # 1 is 0's child among two: starts a chain that 2 continues
-    assert chain[4] == 4 and chain[5] == 5 and chain[3] == 3 and chain[0] == 0
 
 
 def flat_priors(photo: np.ndarray, camera: Camera) -> ColourPriors:

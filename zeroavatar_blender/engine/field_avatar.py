@@ -221,7 +221,7 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     from .extract import CleanupConfig, clean_mesh, decimate, MeshData
     from .imageio import load_photo
     from .perception import Perception
-    from .mesh_rig import bake_texture, transfer_skin_weights, unpose, unwrap_uv
+    from .mesh_rig import bake_texture, transfer_skin_weights, unpose, unwrap_groups, unwrap_uv
     from .pipeline import resolve_device
 
     device = resolve_device(settings.device)
@@ -260,7 +260,11 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     job.check_cancel()
 
     job.stage("finalise", "Unwrapping UVs and baking the texture")
-    vmap, new_faces, uv = unwrap_uv(rest_v, faces)
+    t = time.time()
+    groups = unwrap_groups(faces, idx, w, np.asarray(body.bone_parents))
+    vmap, new_faces, uv = unwrap_uv(rest_v, faces, groups)
+    job.info(f"UV atlas: {len(np.unique(groups))} body parts unwrapped in {time.time() - t:.1f} s")
+    t = time.time()
     posed_v2, rest_v2 = posed_v[vmap], rest_v[vmap]
     idx2, w2 = idx[vmap], w[vmap]
     corner_uv = uv[new_faces]
@@ -276,6 +280,7 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
         unseen = field_colour if settings.quality == "full" else None
         texture = bake_surface_texture(posed_v2, new_faces, corner_uv, priors, settings.texture_size, unseen,
                                        through_weight=fc.through_weight)
+    job.info(f"Texture baked in {time.time() - t:.1f} s")
     bundle = assemble_avatar(body, params, rest_v2, new_faces, corner_uv, idx2, w2, texture, camera=fit.camera,
                              subject=settings.subject, quality=settings.quality,
                              extra_meta={"source_photo": settings.source_photo, "optimised_steps": int(ckpt["step"]),

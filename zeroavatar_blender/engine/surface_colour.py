@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .body.base import bone_chains
 import torch.nn.functional as F
 
 from .cameras import Camera
@@ -71,19 +73,6 @@ def build_colour_priors(photo_rgb: np.ndarray, camera: Camera, mask: np.ndarray 
     return ColourPriors(np.asarray(photo_rgb, np.float32)[..., :3] / 255.0, camera, person, tex,
                         verts.numpy(), np.asarray(body.faces, np.int64), np.asarray(body.corner_uv, np.float32),
                         part, np.asarray(body.bone_parents, np.int64))
-
-
-def bone_chains(parents: np.ndarray) -> np.ndarray:
-    """Group bones into unbranched chains (a leg from the hip to the ankle, the spine, an arm
-    from the clavicle to the wrist): a bone joins its parent's chain when it is that parent's only
-    child. (J,) parents -> (J,) chain id (the chain's first bone)."""
-    children = np.bincount(parents[parents >= 0], minlength=len(parents))
-    chain = np.arange(len(parents))
-    for j in range(len(parents)):  # parents come before children in the body models' order
-        p = parents[j]
-        if p >= 0 and children[p] == 1:
-            chain[j] = chain[p]
-    return chain
 
 
 def visible_in_photo(points: np.ndarray, normals: np.ndarray, depth: np.ndarray, priors: ColourPriors,

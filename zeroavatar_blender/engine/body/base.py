@@ -67,6 +67,19 @@ class BodyOutput:
         return self.bone_transforms @ self.bone_rest
 
 
+def bone_chains(parents: np.ndarray) -> np.ndarray:
+    """Group bones into unbranched chains (a leg from the hip to the ankle, the spine, an arm
+    from the clavicle to the wrist): a bone joins its parent's chain when it is that parent's only
+    child. (J,) parents -> (J,) chain id (the chain's first bone)."""
+    children = np.bincount(parents[parents >= 0], minlength=len(parents))
+    chain = np.arange(len(parents))
+    for j in range(len(parents)):  # parents come before children in the body models' order
+        p = parents[j]
+        if p >= 0 and children[p] == 1:
+            chain[j] = chain[p]
+    return chain
+
+
 def skin_top_k(indices: torch.Tensor, weights: torch.Tensor, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k largest influences per vertex and renormalise. (V, N) -> (V, k)."""
     w, order = weights.sort(dim=-1, descending=True)
