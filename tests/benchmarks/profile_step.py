@@ -127,16 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiled = max(1, args.steps // 4)
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(max(1, args.steps // 4)):
+        for _ in range(profiled):
             opt.train_step()
         _sync(dev)
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    averages = prof.key_averages()
+    print(averages.table(sort_by=key, row_limit=25))
+    busy = None
+    if dev.type == "cuda":  # kernel time per step against the unprofiled step: the rest the GPU waits on Python
+        kernel_s = sum(e.self_device_time_total for e in averages if e.key not in totals) / 1e6 / profiled
+        busy = kernel_s / step_s
+        print(f"GPU busy {100 * busy:.0f} % of a step ({1000 * kernel_s:.1f} ms of kernels in {1000 * step_s:.1f} ms)")
     if args.json:
         args.json.write_text(json.dumps({"quality": args.quality, "device": device, "step_ms": 1000 * step_s,
                                          "parts_ms": {k: 1000 * v for k, v in parts.items()},
-                                         "distill_s": init_s, "config": dataclasses.asdict(config)},
+                                         "distill_s": init_s, "gpu_busy_share": busy, "config": dataclasses.asdict(config)},
                                         indent=1, default=str))
     return 0
 
