@@ -94,6 +94,8 @@ def test_streams_meshes_and_checkpoints(fitted_job, tmp_path):
     assert checkpoints and checkpoints[-1]["step"] == 12
     progress = [e for e in events if e["type"] == "progress" and e["stage"] == "optimise"]
     assert [e["step"] for e in progress] == list(range(1, 13))
+    # each step reports the field evaluations per ray it spent (what a step's cost follows)
+    assert all(0 < e["samples_per_ray"] <= 64 for e in progress)
 
 
 def test_cancel_then_resume_equals_uninterrupted(fitted_job, tmp_path):
@@ -147,6 +149,11 @@ def test_finalise_from_the_field_gives_a_rigged_bundle(fitted_job, tmp_path):
     height = np.ptp(bundle.vertices[:, 2])
     assert 1.3 < height < 2.1 and abs(bundle.vertices[:, 2].min()) < 1e-4
     assert (job_dir / "exports" / "avatar_posed.ply").exists()
+    # the UV atlas is cut into body parts, and the finalise says how long each part took
+    messages = [e["message"] for e in protocol.iter_events(job_dir / "events.jsonl") if e["type"] == "message"]
+    parts = [m for m in messages if m.startswith("UV atlas: ")]
+    assert parts and int(parts[0].split()[2]) >= 3
+    assert any(m.startswith("Texture baked in ") for m in messages)
 
 
 def test_full_quality_on_cpu_asks_for_a_choice(fitted_job, tmp_path):

@@ -182,8 +182,10 @@ class Job:
         self.emit("message", level=level, message=message)
 
     def progress(self, stage: str, step: int, total: int, *, loss: float | None = None,
-                 stage_started: float | None = None, done_before: int = 0) -> None:
-        """``done_before``: steps finished before this run started (a resumed job), for the ETA."""
+                 stage_started: float | None = None, done_before: int = 0,
+                 stats: dict[str, float] | None = None) -> None:
+        """``done_before``: steps finished before this run started (a resumed job), for the ETA.
+        ``stats``: extra numbers for benchmarks and bug reports (e.g. samples per ray)."""
         now = time.time()
         elapsed = now - (stage_started or self.started)
         done = step - done_before
@@ -194,6 +196,8 @@ class Job:
             fields["eta"] = round(eta, 2)
         if loss is not None and loss == loss and abs(loss) != float("inf"):
             fields["loss"] = float(loss)
+        for key, value in (stats or {}).items():
+            fields.setdefault(key, round(float(value), 3))
         self.emit("progress", **fields)
 
     def rel(self, path: Path) -> str:

@@ -373,6 +373,7 @@ class Optimiser:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.oom_downscale = 1.0
+        self.samples_per_ray = 0.0
 
     # state ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -448,6 +449,7 @@ class Optimiser:
         n_rays = max(256, int(c.ref_rays * self.oom_downscale))
         idx = sample_reference_pixels(p.ref_mask, n_rays, gen, inside).to(dev)
         out = self.renderer.render(self.field, rays_all[idx], jitter=True, generator=gen)
+        samples, rays = out.n_samples, len(idx)
         mask_t = p.ref_mask.reshape(-1)[idx][:, None]
         rgb_t = p.ref_rgb.reshape(-1, 3)[idx]
         # compare premultiplied colours: outside the person both colour and opacity go to zero
@@ -469,6 +471,7 @@ class Optimiser:
             bg = background_color("random", res * res, device=dev, generator=gen)
             nout = self.renderer.render(self.field, RayBundle.from_camera(nK, nw2c, res, res), jitter=True,
                                         background=bg, generator=gen).image(res, res)
+            samples, rays = samples + nout.n_samples, rays + res * res
             prior = render_body_prior(p, ncam)
             known = prior["known"]
             if known.any():
@@ -495,6 +498,7 @@ class Optimiser:
         values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach().float()]).tolist()
         record = dict(zip(names, values))
         self.history.append(record)
+        self.samples_per_ray = samples / max(rays, 1)  # grows with floaters: the step's cost follows it
         return record
 
     def _reference_rays(self):
@@ -634,7 +638,8 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
         if not math.isfinite(record["total"]):
             raise EngineError(f"the optimisation diverged at step {opt.step} (loss {record['total']})",
                               "resume from the last checkpoint, or try another --seed")
-        job.progress("optimise", opt.step, config.steps, loss=record["total"], stage_started=started, done_before=first)
+        job.progress("optimise", opt.step, config.steps, loss=record["total"], stage_started=started, done_before=first,
+                     stats={"samples_per_ray": opt.samples_per_ray})
         if opt.step % config.mesh_every == 0 and opt.step < config.steps:
             opt.stream_mesh()
         if opt.step % config.checkpoint_every == 0 or opt.step == config.steps:
