@@ -42,6 +42,23 @@ def _timed(name: str, fn, totals: dict[str, float], device: torch.device):
     return wrapper
 
 
+def launches_by_part(events, parts: set[str]) -> dict[str, int]:
+    """Top-level ATen ops (not called from another ATen op) by the step part they ran in."""
+    counts: dict[str, int] = defaultdict(int)
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        part, parent, nested = "rest (losses, backward, Adam, read-backs)", e.cpu_parent, False
+        while parent is not None:
+            nested |= parent.name.startswith("aten::")
+            if parent.name in parts:
+                part = parent.name
+            parent = parent.cpu_parent
+        if not nested:
+            counts[part] += 1
+    return dict(counts)
+
+
 def main(argv: list[str] | None = None) -> int:
     from zeroavatar_blender.engine import optimise as opt_mod
     from zeroavatar_blender.engine.job import Job
@@ -135,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     averages = prof.key_averages()
     print(averages.table(sort_by=key, row_limit=25))
+    ops = launches_by_part(prof.events(), set(totals))
+    print(f"top-level ATen ops per step (each at least one kernel launch on a GPU): "
+          f"{sum(ops.values()) / profiled:.0f}")
+    for k, v in sorted(ops.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:45s} {v / profiled:8.0f}")
     busy = None
     if dev.type == "cuda":  # kernel time per step against the unprofiled step: the rest the GPU waits on Python
         kernel_s = sum(e.self_device_time_total for e in averages if e.key not in totals) / 1e6 / profiled
@@ -143,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"quality": args.quality, "device": device, "step_ms": 1000 * step_s,
                                          "parts_ms": {k: 1000 * v for k, v in parts.items()},
-                                         "distill_s": init_s, "gpu_busy_share": busy, "config": dataclasses.asdict(config)},
+                                         "distill_s": init_s, "gpu_busy_share": busy,
+                                         "aten_ops_per_step": {k: v / profiled for k, v in ops.items()}, "config": dataclasses.asdict(config)},
                                         indent=1, default=str))
     return 0
 
