@@ -2,6 +2,7 @@
 # The prepared GPU check (see gpu_prepare.sh): nerfacc's CUDA build, a default `full` run end to
 # end, a per-part step profile, SDS speed, the CUDA tests. Results go to $OUT. Run it as
 #   LIMIT=560 bash .gpu/run.sh        (carry .whl and .gpu; LIMIT: seconds this call may use)
+# SKIP_FULL=1 SKIP_PROFILE=1 VARIANTS=1: only the step-speed variants (corner blend, TF32, NHWC).
 set -u
 S=$(date +%s)
 t() { echo "=== [t=$(( $(date +%s) - S ))s] $*"; }
@@ -20,18 +21,29 @@ from zeroavatar_blender.engine.render.cuda_marcher import cuda_marcher_status
 print('marcher', cuda_marcher_status(print), round(time.time()-t,1), 's')" 2>&1 | tail -5 | tee "$OUT/nerfacc_build.log"
 t "random full-size SD1.5 + ControlNet weights"
 timeout 120 python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job --prepare-only 2>&1 | tail -2
-t "full run (default steps)"
-# the benchmark stops the engine itself at --timeout and extrapolates; the outer timeout is a backstop.
-# PROFILE_S seconds are kept for the step profile after it.
-timeout $(( $(left) - ${PROFILE_S:-80} )) python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job \
-  --timeout $(( $(left) - ${PROFILE_S:-80} - 40 )) --json "$OUT/full_run.json" 2>&1 \
-  | grep -v "^\[optimise\] [0-9]*/[0-9]* " | tail -60 > "$OUT/full_run.log"
-tail -45 "$OUT/full_run.log"
+if [ "${SKIP_FULL:-0}" = 0 ]; then
+  t "full run (default steps)"
+  # the benchmark stops the engine itself at --timeout and extrapolates; the outer timeout is a backstop.
+  # PROFILE_S seconds are kept for the step profile after it.
+  timeout $(( $(left) - ${PROFILE_S:-80} )) python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job \
+    --timeout $(( $(left) - ${PROFILE_S:-80} - 40 )) --json "$OUT/full_run.json" 2>&1 \
+    | grep -v "^\[optimise\] [0-9]*/[0-9]* " | tail -60 > "$OUT/full_run.log"
+  tail -45 "$OUT/full_run.log"
+fi
+PROFILE="python3 -m tests.benchmarks.profile_step --job .gpu/job --quality full --device cuda --steps 16 --warmup 3
+  --at-step ${AT_STEP:-0.8} --sd-weights /tmp/zeroavatar_random_sd15/sd15
+  --controlnet-weights /tmp/zeroavatar_random_sd15/controlnet_depth"
 if [ "${SKIP_PROFILE:-0}" = 0 ]; then
   t "step profile (full, late in the schedules)"
-  timeout $(( $(left) - 3 )) python3 -m tests.benchmarks.profile_step --job .gpu/job --quality full --device cuda --steps 16 --warmup 3 --at-step ${AT_STEP:-0.8} \
-    --sd-weights /tmp/zeroavatar_random_sd15/sd15 --controlnet-weights /tmp/zeroavatar_random_sd15/controlnet_depth \
-    --json "$OUT/profile.json" 2>&1 | tail -40 | tee "$OUT/profile.log"
+  timeout $(( $(left) - 3 )) $PROFILE --json "$OUT/profile.json" 2>&1 | tail -48 | tee "$OUT/profile.log"
+fi
+if [ "${VARIANTS:-0}" = 1 ]; then  # one process each (~40 s): the default again, then each variant alone
+  for v in default "--blend sum" --tf32 --channels-last "--blend sum --tf32 --channels-last"; do
+    [ "$(left)" -lt 50 ] && break
+    name=$(echo "$v" | tr -d ' -'); t "variant $name"
+    timeout $(( $(left) - 3 )) $PROFILE $( [ "$v" = default ] || echo $v ) --json "$OUT/variant_$name.json" 2>&1 \
+      | grep -E "steps/s|GPU busy|ATen ops per step"
+  done
 fi
 if [ "${SKIP_SDS:-1}" = 0 ]; then
   t "SDS speed"

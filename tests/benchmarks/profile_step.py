@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--controlnet-weights", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="OptimiseConfig override")
     p.add_argument("--json", type=Path, default=None)
+    # GPU variants to measure against the default in the same session (see docs/BENCHMARKS.md, GPU)
+    p.add_argument("--tf32", action="store_true", help="TF32 for fp32 matmuls (the field's MLPs) on CUDA")
+    p.add_argument("--blend", choices=("matmul", "sum"), default=None, help="hash-grid corner blend on CUDA")
+    p.add_argument("--channels-last", action="store_true", help="NHWC UNet, ControlNet and VAE")
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="za_profile_")) / "job"
@@ -85,14 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     settings = JobSettings.load(job)
     settings.quality, settings.device = args.quality, args.device
     settings.sd_weights, settings.controlnet_weights = args.sd_weights, args.controlnet_weights
+    settings.extra["allow_slow_full"] = True  # a few steps of `full` on the CPU check this script
     device = resolve_device(settings.device)
     config = opt_mod.OptimiseConfig.for_quality(args.quality, device, None, settings.seed)
     for item in args.set:
         key, value = item.split("=", 1)
         config = dataclasses.replace(config, **{key: json.loads(value)})
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.blend:
+        from zeroavatar_blender.engine.field import encoding
+
+        encoding.CUDA_BLEND = args.blend
     guidance = prompts = None
     if args.quality == "full":
         guidance, prompts = opt_mod._check_full_quality(job, settings, device)
+        if args.channels_last:
+            for m in (guidance.pipe.unet, guidance.pipe.controlnet, guidance.pipe.vae):
+                m.to(memory_format=torch.channels_last)
+    variant = {"tf32": args.tf32, "blend": args.blend or "default", "channels_last": args.channels_last}
     problem, _, _ = opt_mod.build_problem(job, settings, config)
     opt = opt_mod.Optimiser(job, problem, guidance, prompts)
     dev = torch.device(device)
@@ -135,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     step_s = (time.perf_counter() - t) / steps
     parts = {k: v / steps for k, v in totals.items()}
     parts["rest (losses, backward, Adam, read-backs)"] = step_s - sum(parts.values())
-    print(f"{args.quality} on {device}, {steps} steps up to step {opt.step} of {config.steps}: "
+    print(f"{args.quality} on {device} ({variant}), {steps} steps up to step {opt.step} of {config.steps}: "
           f"{1000 * step_s:.1f} ms per step "
           f"({1 / step_s:.2f} steps/s); distillation {init_s:.1f} s")
     for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
@@ -165,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"quality": args.quality, "device": device, "step_ms": 1000 * step_s,
                                          "parts_ms": {k: 1000 * v for k, v in parts.items()},
-                                         "distill_s": init_s, "gpu_busy_share": busy,
+                                         "distill_s": init_s, "gpu_busy_share": busy, "variant": variant,
                                          "aten_ops_per_step": {k: v / profiled for k, v in ops.items()}, "config": dataclasses.asdict(config)},
                                         indent=1, default=str))
     return 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from zeroavatar_blender.engine.field.encoding import (
-    HashGridConfig, HashGridEncoding, corner_indices, count_parameters, dense_rows, gather_rows, hashed_rows,
+    HashGridConfig, HashGridEncoding, blend_corners, corner_indices, count_parameters, dense_rows, gather_rows, hashed_rows,
     level_resolutions, level_table_sizes, make_hash_grid, spatial_hash, trilinear_weights,
 )
 
@@ -53,6 +53,23 @@ def test_trilinear_weights_sum_to_one_and_pick_corners():
     assert torch.allclose(w.sum(-1), torch.ones(10, 3))
     at_corner = trilinear_weights(torch.tensor([[[1.0, 0.0, 1.0]]]))
     assert at_corner[0, 0].argmax().item() == 1 + 4  # corner (1, 0, 1)
+
+
+def test_both_corner_blends_agree_in_value_and_gradient():
+    torch.manual_seed(0)
+    w = torch.rand(50, 4, 8, requires_grad=True)
+    f = torch.randn(50, 4, 8, 2, requires_grad=True)
+    grads = []
+    for how in ("matmul", "sum"):
+        out = blend_corners(w, f, how)
+        (gw, gf) = torch.autograd.grad((out * torch.linspace(-1, 1, 2)).sum(), (w, f))
+        grads.append((out.detach(), gw, gf))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    # the blend is the weighted sum of the corners: a corner with all the weight gives its features
+    one = torch.zeros(1, 1, 8)
+    one[0, 0, 5] = 1.0
+    torch.testing.assert_close(blend_corners(one, f[:1, :1]), f[:1, :1, 5].detach())
 
 
 def test_dense_level_interpolates_a_linear_function_exactly():
