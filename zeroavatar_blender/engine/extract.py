@@ -61,8 +61,18 @@ class MeshData:
 
 @torch.no_grad()
 def evaluate_grid(fn: Callable[[torch.Tensor], torch.Tensor], axes: list[np.ndarray], *,
-                  chunk: int = 1 << 18, device: torch.device | str = "cpu") -> np.ndarray:
-    """fn on every node of the grid spanned by ``axes`` ([xs, ys, zs]), in chunks. -> (X, Y, Z) float32."""
+                  chunk: int = 1 << 18, device: torch.device | str = "cpu",
+                  where: np.ndarray | None = None) -> np.ndarray:
+    """fn on every node of the grid spanned by ``axes`` ([xs, ys, zs]), in chunks; given
+    ``where`` (X, Y, Z) bool, only on those nodes (0 elsewhere). -> (X, Y, Z) float32."""
+    if where is not None:
+        nodes = np.nonzero(where)
+        pts = torch.as_tensor(np.stack([np.asarray(a)[i] for a, i in zip(axes, nodes)], 1), dtype=torch.float32,
+                              device=device)
+        out = np.zeros(where.shape, dtype=np.float32)
+        if len(pts):
+            out[nodes] = torch.cat([fn(pts[j:j + chunk]) for j in range(0, len(pts), chunk)]).float().cpu().numpy()
+        return out
     xs, ys, zs = (torch.as_tensor(a, dtype=torch.float32, device=device) for a in axes)
     out = np.empty((len(xs), len(ys), len(zs)), dtype=np.float32)
     plane = len(ys) * len(zs)

@@ -166,15 +166,30 @@ class BodyUnion:
         return BodyUnion(axes, body_in, allowed, fc.presence_ratio, fc.presence_cells, (fc.smooth_m or 0.0) / spacing)
 
 
-def density_grid(field, resolution: int) -> tuple[list, np.ndarray]:
+def density_grid(field, resolution: int, occupied: torch.Tensor | None = None) -> tuple[list, np.ndarray]:
     """The field's density (prior included) on the marching-cubes grid of its box with
-    ``resolution`` cells along the longest side. -> (axes [xs, ys, zs], (X, Y, Z) float32)."""
+    ``resolution`` cells along the longest side. ``occupied``: the renderer's occupancy mask
+    (R, R, R) over the same box; nodes outside it, grown by one cell, are not evaluated (0): the
+    renderer never samples there, and a CPU field is ~6 % occupied (a 192-cell grid in 1/10 of the
+    time). -> (axes [xs, ys, zs], (X, Y, Z) float32)."""
     from .extract import evaluate_grid
     from .field.body_prior import grid_axes
 
-    axes = grid_axes(field.aabb.detach().cpu().numpy().astype(np.float64), resolution)
+    box = field.aabb.detach().cpu().numpy().astype(np.float64)
+    axes = grid_axes(box, resolution)
+    where = None if occupied is None else nodes_in_cells(axes, box, occupied)
     with torch.no_grad():
-        return axes, evaluate_grid(field.density, axes, device=field.aabb.device)
+        return axes, evaluate_grid(field.density, axes, device=field.aabb.device, where=where)
+
+
+def nodes_in_cells(axes: list, box: np.ndarray, occupied: torch.Tensor) -> np.ndarray:
+    """Which grid nodes lie in an occupied cell of ``occupied`` (R, R, R bool over ``box``) or a
+    neighbour of one. -> (X, Y, Z) bool."""
+    grown = torch.nn.functional.max_pool3d(occupied.detach().cpu().float()[None, None], 3, stride=1, padding=1)[0, 0] > 0
+    grown = grown.numpy()
+    cells = [np.clip(((np.asarray(a) - box[0, i]) / (box[1, i] - box[0, i]) * grown.shape[i]).astype(np.int64),
+                     0, grown.shape[i] - 1) for i, a in enumerate(axes)]
+    return grown[np.ix_(*cells)]
 
 
 def surface_from_density(density: np.ndarray, level: float, axes: list, union: BodyUnion | None):
@@ -193,10 +208,11 @@ def surface_from_density(density: np.ndarray, level: float, axes: list, union: B
 
 
 def field_surface(field, fc: FinaliseConfig, resolution: int, body_v: np.ndarray, body_f: np.ndarray,
-                  silhouette: ReferenceSilhouette | None = None):
+                  silhouette: ReferenceSilhouette | None = None, occupied: torch.Tensor | None = None):
     """Marching cubes of the field's level set, or of its union with the body (``fc.body_union``)
-    where the field is present and, given ``silhouette``, the body projects into the person mask."""
-    axes, density = density_grid(field, resolution)
+    where the field is present and, given ``silhouette``, the body projects into the person mask.
+    ``occupied``: the run's occupancy mask (see ``density_grid``)."""
+    axes, density = density_grid(field, resolution, occupied)
     union = BodyUnion.build(axes, body_v, body_f, fc, silhouette) if fc.body_union else None
     return surface_from_density(density, fc.level_ratio * field.config.surface_density, axes, union)
 
@@ -236,7 +252,8 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     body_f = np.asarray(body.faces, np.int64)
     photo, perception = load_photo(job.root / settings.photo), Perception.load(job.layout.perception)
     silhouette = reference_silhouette(photo, perception, fit, out.vertices[0], body_f, cfg)
-    mesh = field_surface(field, fc, fc.resolution_gpu if gpu else fc.resolution_cpu, body_v, body_f, silhouette)
+    mesh = field_surface(field, fc, fc.resolution_gpu if gpu else fc.resolution_cpu, body_v, body_f, silhouette,
+                         ckpt.get("cpu_grid"))
     if mesh.num_vertices == 0:
         from .errors import EngineError
 

@@ -537,7 +537,9 @@ class Optimiser:
         from .extract import vertex_colors, write_preview_mesh
         from .field_avatar import density_grid, surface_from_density
 
-        axes, density = density_grid(self.field, self.config.mesh_resolution)
+        grid = self.renderer.cpu_grid
+        occupied = grid.mask if grid is not None and grid.values is not None else None
+        axes, density = density_grid(self.field, self.config.mesh_resolution, occupied)
         mesh = surface_from_density(density, self.field.config.surface_density, axes, self._preview_union(axes))
         if mesh.num_vertices == 0:
             return None
