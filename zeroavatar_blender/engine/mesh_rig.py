@@ -129,7 +129,8 @@ def unwrap_uv(vertices: np.ndarray, faces: np.ndarray,
     """xatlas unwrap, one atlas mesh per face group (``unwrap_groups``), packed into one atlas.
 
     Why groups: xatlas's chart solve grows faster than the piece it is given (a noisy 82k-face
-    sphere: 52 s whole, 9 s in 8 parts), and it solves separate meshes on separate threads.
+    sphere: 53 s whole, 6 s in 8 slabs; ``bench_unwrap``), and whole it can crash (a regular
+    82k-face sphere, xatlas 0.0.11); separate meshes also go to separate threads.
     -> (vertex_map (N',) into the input vertices, new faces (F,3) in the input's face order,
     uv (N',2) v up)."""
     import xatlas
