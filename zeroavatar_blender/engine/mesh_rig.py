@@ -2,8 +2,8 @@
 
 Skin weights come from the fitted body (nearest surface point, then smoothed over the new mesh,
 top-4); the mesh is unposed to the body's rest pose with the inverse of each vertex's blended
-bone transform; UVs come from a proper unwrap (xatlas) and the texture is baked from a colour
-function of posed world points (the field's colour).
+bone transform; UVs come from a proper unwrap (xatlas, one body part at a time, packed into one
+atlas) and the texture is baked from a colour function of posed world points (the field's colour).
 """
 
 from __future__ import annotations
