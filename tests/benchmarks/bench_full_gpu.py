@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=540, help="seconds before the run is stopped (then "
                    "the time of a whole run is extrapolated from the steps made)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="OptimiseConfig override passed to the engine (e.g. tf32=true)")
     p.add_argument("--keep", type=Path, default=None, help="copy the run's job folder here afterwards")
     p.add_argument("--prepare-only", action="store_true", help="only build and save the random weights")
     p.add_argument("--allow-cpu", action="store_true",
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--controlnet-weights", str(cn_dir), "--progress", "lines"]
     if args.steps is not None:
         optimise += ["--steps", str(args.steps)]
+    for item in args.set:
+        optimise += ["--set", item]
     finalise = base + ["finalise", str(job), "--progress", "lines"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     started = time.perf_counter()

@@ -3,6 +3,7 @@
 # end, a per-part step profile, SDS speed, the CUDA tests. Results go to $OUT. Run it as
 #   LIMIT=560 bash .gpu/run.sh        (carry .whl and .gpu; LIMIT: seconds this call may use)
 # SKIP_FULL=1 SKIP_PROFILE=1 VARIANTS=1: only the step-speed variants (corner blend, TF32, NHWC).
+# SETS="--set tf32=true ...": OptimiseConfig overrides for the full run (the winners).
 set -u
 S=$(date +%s)
 t() { echo "=== [t=$(( $(date +%s) - S ))s] $*"; }
@@ -25,7 +26,7 @@ if [ "${SKIP_FULL:-0}" = 0 ]; then
   t "full run (default steps)"
   # the benchmark stops the engine itself at --timeout and extrapolates; the outer timeout is a backstop.
   # PROFILE_S seconds are kept for the step profile after it.
-  timeout $(( $(left) - ${PROFILE_S:-80} )) python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job \
+  timeout $(( $(left) - ${PROFILE_S:-80} )) python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job ${SETS:-} \
     --timeout $(( $(left) - ${PROFILE_S:-80} - 40 )) --json "$OUT/full_run.json" 2>&1 \
     | grep -v "^\[optimise\] [0-9]*/[0-9]* " | tail -60 > "$OUT/full_run.log"
   tail -45 "$OUT/full_run.log"
@@ -38,9 +39,10 @@ if [ "${SKIP_PROFILE:-0}" = 0 ]; then
   timeout $(( $(left) - 3 )) $PROFILE --json "$OUT/profile.json" 2>&1 | tail -48 | tee "$OUT/profile.log"
 fi
 if [ "${VARIANTS:-0}" = 1 ]; then  # one process each (~40 s): the default again, then each variant alone
-  for v in default "--blend sum" --tf32 --channels-last "--blend sum --tf32 --channels-last"; do
+  for v in default "--set grid_blend=sum" "--set tf32=true" "--set channels_last=true" \
+           "--set grid_blend=sum --set tf32=true --set channels_last=true"; do
     [ "$(left)" -lt 50 ] && break
-    name=$(echo "$v" | tr -d ' -'); t "variant $name"
+    name=$(echo "$v" | sed 's/--set //g; s/=true//g; s/=/_/g; s/ /+/g'); t "variant $name"
     timeout $(( $(left) - 3 )) $PROFILE $( [ "$v" = default ] || echo $v ) --json "$OUT/variant_$name.json" 2>&1 \
       | grep -E "steps/s|GPU busy|ATen ops per step"
   done

@@ -76,10 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--controlnet-weights", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="OptimiseConfig override")
     p.add_argument("--json", type=Path, default=None)
-    # GPU variants to measure against the default in the same session (see docs/BENCHMARKS.md, GPU)
-    p.add_argument("--tf32", action="store_true", help="TF32 for fp32 matmuls (the field's MLPs) on CUDA")
-    p.add_argument("--blend", choices=("matmul", "sum"), default=None, help="hash-grid corner blend on CUDA")
-    p.add_argument("--channels-last", action="store_true", help="NHWC UNet, ControlNet and VAE")
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="za_profile_")) / "job"
@@ -92,22 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     settings.extra["allow_slow_full"] = True  # a few steps of `full` on the CPU check this script
     device = resolve_device(settings.device)
     config = opt_mod.OptimiseConfig.for_quality(args.quality, device, None, settings.seed)
-    for item in args.set:
+    for item in args.set:  # e.g. the CUDA speed knobs: tf32=true, grid_blend=sum, channels_last=true
         key, value = item.split("=", 1)
-        config = dataclasses.replace(config, **{key: json.loads(value)})
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if args.blend:
-        from zeroavatar_blender.engine.field import encoding
-
-        encoding.CUDA_BLEND = args.blend
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        config = dataclasses.replace(config, **{key: parsed})
     guidance = prompts = None
     if args.quality == "full":
-        guidance, prompts = opt_mod._check_full_quality(job, settings, device)
-        if args.channels_last:
-            for m in (guidance.pipe.unet, guidance.pipe.controlnet, guidance.pipe.vae):
-                m.to(memory_format=torch.channels_last)
-    variant = {"tf32": args.tf32, "blend": args.blend or "default", "channels_last": args.channels_last}
+        guidance, prompts = opt_mod._check_full_quality(job, settings, device, config.channels_last)
+    variant = {k: getattr(config, k) for k in opt_mod.LATER_SETTINGS}
     problem, _, _ = opt_mod.build_problem(job, settings, config)
     opt = opt_mod.Optimiser(job, problem, guidance, prompts)
     dev = torch.device(device)

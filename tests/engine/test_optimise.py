@@ -263,3 +263,51 @@ def test_previews_are_the_field_united_with_the_body(fitted_job, tmp_path):
         job.close()
     assert volumes[False] > 0
     assert volumes[True] > 1.001 * volumes[False]
+
+
+def test_checkpoints_from_before_the_speed_knobs_still_resume():
+    """The CUDA speed knobs (session 6) join the resume fingerprint only when set, so a checkpoint
+    written before they existed still resumes at their defaults."""
+    import dataclasses
+    import hashlib
+
+    from zeroavatar_blender.engine.optimise import LATER_SETTINGS, OptimiseConfig
+
+    cfg = OptimiseConfig.for_quality("full", "cuda")
+    before = dataclasses.asdict(cfg)
+    for key in ("steps", "mesh_every", "checkpoint_every", *LATER_SETTINGS):
+        before.pop(key)
+    old = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert cfg.fingerprint() == old
+    for key, value in (("tf32", True), ("grid_blend", "sum"), ("channels_last", True)):
+        assert dataclasses.replace(cfg, **{key: value}).fingerprint() != old
+
+
+def test_speed_knobs_reach_the_field_and_the_guidance(fitted_job, tmp_path):
+    """``--set grid_blend=sum`` and ``channels_last=true`` arrive where they act (the CPU keeps
+    its matmul blend; the blend test in test_encoding shows both give the same values)."""
+    from zeroavatar_blender.engine import optimise as opt_mod
+    from zeroavatar_blender.engine.field_avatar import load_field
+
+    from tests.engine.guidance.tiny_models import build_tiny_components, save_diffusers
+
+    job_dir = copy_job(fitted_job, tmp_path / "job")
+    run(job_dir, 2, grid_blend="sum")
+    ckpt = opt_mod.latest_checkpoint(Job(job_dir))
+    field, cfg = load_field(ckpt)
+    assert cfg["grid_blend"] == "sum" and field.encoding.config.blend == "sum"
+
+    sd_dir, cn_dir = save_diffusers(build_tiny_components(), tmp_path / "sd", tmp_path / "cn")
+    job = Job(job_dir).open()
+    try:
+        settings = settings_for(job, 2, quality="full")
+        settings.sd_weights, settings.controlnet_weights = str(sd_dir), str(cn_dir)
+        settings.extra["allow_slow_full"] = True
+        layouts = {}
+        for nhwc in (False, True):
+            guidance, _ = opt_mod._check_full_quality(job, settings, "cpu", channels_last=nhwc)
+            layouts[nhwc] = [m.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+                             for m in (guidance.pipe.unet, guidance.pipe.controlnet)]
+    finally:
+        job.close()
+    assert layouts == {False: [False, False], True: [True, True]}

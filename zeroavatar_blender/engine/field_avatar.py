@@ -31,7 +31,7 @@ def load_field(ckpt: dict[str, Any], device: str = "cpu"):
 
     cfg = json.loads(ckpt["config"])
     enc = HashGridConfig(n_levels=cfg["n_levels"], log2_hashmap_size=cfg["log2_hashmap_size"],
-                         max_resolution=cfg["max_resolution"])
+                         max_resolution=cfg["max_resolution"], blend=cfg.get("grid_blend", "matmul"))
     field = NeRFField(ckpt["aabb"], NeRFFieldConfig(encoding=enc), device=device)
     field.load_state_dict({k: v.to(device) for k, v in ckpt["field"].items()})
     field.eval()

@@ -75,6 +75,10 @@ class OptimiseConfig:
     depth_switch_step: float = 0.5  # full: ControlNet depth from the body until this fraction, then the field's
     guidance_scale: float = 50.0
     sds_resolution: int = 512
+    # CUDA speed knobs, off until a GPU benchmark shows they pay (`profile_step --set KEY=VALUE`)
+    tf32: bool = False  # TF32 tensor cores for the field's fp32 matmuls
+    grid_blend: str = "matmul"  # the hash grid's corner blend on CUDA: "matmul" or "sum" (HashGridConfig.blend)
+    channels_last: bool = False  # NHWC UNet, ControlNet and VAE (SDSConfig.channels_last)
     # streaming and checkpoints
     mesh_every: int = 50
     mesh_resolution: int = 72
@@ -118,7 +122,14 @@ class OptimiseConfig:
         d = dataclasses.asdict(self)
         for key in ("steps", "mesh_every", "checkpoint_every"):
             d.pop(key)
+        for key, default in LATER_SETTINGS.items():  # at their defaults, older checkpoints still resume
+            if d.get(key) == default:
+                d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# settings added after checkpoints were first written (session 6), with their defaults
+LATER_SETTINGS = {"tf32": False, "grid_blend": "matmul", "channels_last": False}
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -351,7 +362,10 @@ class Optimiser:
         excess = problem.silhouette_excess
         grow = float(excess.max()) if excess is not None and excess.size else 0.0
         self.aabb = body_aabb(body_np, c.aabb_padding + grow).to(dev)
-        enc = HashGridConfig(n_levels=c.n_levels, log2_hashmap_size=c.log2_hashmap_size, max_resolution=c.max_resolution)
+        enc = HashGridConfig(n_levels=c.n_levels, log2_hashmap_size=c.log2_hashmap_size, max_resolution=c.max_resolution,
+                             blend=c.grid_blend)
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = c.tf32
         torch.manual_seed(c.seed)
         self.field = NeRFField(self.aabb, NeRFFieldConfig(encoding=enc), device=dev)
         self.prior = BodyPrior.from_mesh(body_np, problem.body_faces.cpu().numpy(),
@@ -570,7 +584,7 @@ class Optimiser:
         return path
 
 
-def _check_full_quality(job: Job, settings, device: str) -> tuple[Any, Any]:
+def _check_full_quality(job: Job, settings, device: str, channels_last: bool = False) -> tuple[Any, Any]:
     """Load the guidance for ``full``, or explain the choice the user has."""
     from .guidance.prompts import ViewPromptCache, build_prompt
     from .guidance.sds import DepthControlledSDS, SDSConfig
@@ -583,7 +597,7 @@ def _check_full_quality(job: Job, settings, device: str) -> tuple[Any, Any]:
             "or add --allow-slow to run 'full' on the CPU anyway")
     weights = find_guidance_weights(settings.sd_weights, settings.controlnet_weights)
     job.info(f"Guidance: {weights.description}")
-    cfg = SDSConfig(seed=settings.seed)
+    cfg = SDSConfig(seed=settings.seed, channels_last=channels_last)
     guidance = DepthControlledSDS.from_weights(weights, device, cfg)
     prompts = ViewPromptCache(guidance.pipe.encode_text, build_prompt(settings.prompt))
     return guidance, prompts
@@ -603,7 +617,7 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
     config = dataclasses.replace(config, **overrides)
     guidance = prompts = None
     if settings.quality == "full":
-        guidance, prompts = _check_full_quality(job, settings, device)
+        guidance, prompts = _check_full_quality(job, settings, device, config.channels_last)
     job.stage("optimise", f"Optimising the avatar ({settings.quality}, {config.steps} steps on {device})")
     problem, _, _ = build_problem(job, settings, config)
     problem.extra["finalise_config"] = finalise_config(settings)  # previews are made like the final surface

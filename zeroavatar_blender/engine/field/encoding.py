@@ -34,6 +34,9 @@ class HashGridConfig:
     max_resolution: int = 2048  # N_max at the finest level
     init_scale: float = 1e-4  # tables start uniform in [-init_scale, init_scale]
     implementation: Literal["auto", "torch", "tcnn"] = "auto"  # auto: tcnn on CUDA when importable
+    # How CUDA blends the 8 corners (the CPU always uses "matmul"): millions of 1x8 by 8xF products
+    # are an odd shape for cuBLAS (`aten::bmm`, ~8 % of an H100 step); `profile_step --set grid_blend=sum`
+    blend: Literal["matmul", "sum"] = "matmul"
 
     def __post_init__(self) -> None:
         if self.n_levels < 1 or self.n_features_per_level < 1:
@@ -42,6 +45,8 @@ class HashGridConfig:
             raise ValueError(f"log2_hashmap_size must be in [4, 30], got {self.log2_hashmap_size}")
         if self.base_resolution < 1 or self.max_resolution < self.base_resolution:
             raise ValueError("need 1 <= base_resolution <= max_resolution")
+        if self.blend not in ("matmul", "sum"):
+            raise ValueError(f"blend must be 'matmul' or 'sum', got {self.blend!r}")
 
     @property
     def growth_factor(self) -> float:
@@ -173,15 +178,9 @@ def trilinear_weights(frac: torch.Tensor) -> torch.Tensor:
     return _outer3(torch.stack([1 - frac, frac], -1), "mul")
 
 
-# How CUDA blends the corners: "matmul" (as the CPU) or "sum". Millions of 1x8 by 8xF products are
-# an odd shape for cuBLAS (`aten::bmm` was ~8 % of an H100 step); profile_step --blend measures it.
-CUDA_BLEND = "matmul"
-
-
-def blend_corners(weights: torch.Tensor, feats: torch.Tensor, how: str | None = None) -> torch.Tensor:
+def blend_corners(weights: torch.Tensor, feats: torch.Tensor, how: str = "matmul") -> torch.Tensor:
     """Trilinear blend of the 8 corners' features. (N, L, 8), (N, L, 8, F) -> (N, L, F).
     "matmul" is a batched matmul (1.8x faster than "sum", multiply-and-add, on the CPU)."""
-    how = how or (CUDA_BLEND if feats.is_cuda else "matmul")
     if how == "sum":
         return (weights.unsqueeze(-1) * feats).sum(-2)
     return (weights.unsqueeze(-2) @ feats).squeeze(-2)
@@ -235,7 +234,7 @@ class HashGridEncoding(nn.Module):
         # A gather, not nn.Embedding: its backward is a plain scatter-add (20x faster on CPU), and
         # gather_rows makes that scatter column-wise on the CPU (see _GatherRows).
         feats = gather_rows(self.embeddings, rows.reshape(-1)).reshape(*rows.shape, -1)  # (N, L, 8, F)
-        out = blend_corners(trilinear_weights(frac), feats)  # (N, L, F)
+        out = blend_corners(trilinear_weights(frac), feats, self.config.blend if feats.is_cuda else "matmul")
         return out.reshape(x.shape[0], -1)
 
 
