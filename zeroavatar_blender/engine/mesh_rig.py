@@ -107,11 +107,10 @@ def unwrap_groups(faces: np.ndarray, skin_idx: np.ndarray, skin_w: np.ndarray, p
     """A body part per face for the unwrap: the bone chain (``bone_chains``) of the dominant bone
     of the face's first corner, a part under ``min_share`` of the faces merged into its parent
     chain's. Seams then run at the joints, where an artist would cut. -> (F,) part ids."""
-    from .body.base import bone_chains
+    from .body.base import bone_chains, dominant_chains
 
     chain = bone_chains(np.asarray(parents, np.int64))
-    vertex_part = chain[skin_idx[np.arange(len(skin_idx)), skin_w.argmax(1)]]
-    part = vertex_part[faces[:, 0]]
+    part = dominant_chains(skin_idx, skin_w, parents)[faces[:, 0]]
     counts = np.bincount(part, minlength=len(chain))
     while True:
         small = [c for c in np.nonzero(counts)[0] if counts[c] < min_share * len(faces) and parents[c] >= 0]

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from .body.base import bone_chains
 import torch.nn.functional as F
 
+from .body.base import dominant_chains
 from .cameras import Camera
 from .texture import MIRRORED, SEEN, UVTexture, erode_mask, project_texels, sample_image, uv_to_texel
 
@@ -69,7 +68,7 @@ def build_colour_priors(photo_rgb: np.ndarray, camera: Camera, mask: np.ndarray 
     person = erode_mask(person, max(2, round(0.003 * max(H, W))))
     idx = body.skin_indices.cpu().numpy()
     w = body.skin_weights.cpu().numpy()
-    part = bone_chains(np.asarray(body.bone_parents, np.int64))[idx[np.arange(len(idx)), w.argmax(1)]]
+    part = dominant_chains(idx, w, body.bone_parents)
     return ColourPriors(np.asarray(photo_rgb, np.float32)[..., :3] / 255.0, camera, person, tex,
                         verts.numpy(), np.asarray(body.faces, np.int64), np.asarray(body.corner_uv, np.float32),
                         part, np.asarray(body.bone_parents, np.int64))

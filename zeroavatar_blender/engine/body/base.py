@@ -80,6 +80,13 @@ def bone_chains(parents: np.ndarray) -> np.ndarray:
     return chain
 
 
+def dominant_chains(skin_idx: np.ndarray, skin_w: np.ndarray, parents: np.ndarray) -> np.ndarray:
+    """The bone chain (``bone_chains``) of each vertex's most weighted bone: the body part it
+    belongs to. (V,K) indices, (V,K) weights, (J,) parents -> (V,) chain ids."""
+    dominant = np.asarray(skin_idx)[np.arange(len(skin_idx)), np.asarray(skin_w).argmax(1)]
+    return bone_chains(np.asarray(parents, np.int64))[dominant]
+
+
 def skin_top_k(indices: torch.Tensor, weights: torch.Tensor, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k largest influences per vertex and renormalise. (V, N) -> (V, k)."""
     w, order = weights.sort(dim=-1, descending=True)
