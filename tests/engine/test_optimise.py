@@ -311,3 +311,27 @@ def test_speed_knobs_reach_the_field_and_the_guidance(fitted_job, tmp_path):
     finally:
         job.close()
     assert layouts == {False: [False, False], True: [True, True]}
+
+
+def test_checkpoint_occupancy_reads_either_paths_grid():
+    """The finalise evaluates the density only in the cells the run sampled: the CPU grid's
+    mask, or nerfacc's binaries in a CUDA run's checkpoint (same box, same x, y, z cell order)."""
+    import nerfacc
+
+    from zeroavatar_blender.engine.optimise import checkpoint_occupancy
+    from zeroavatar_blender.engine.render.volume import VolumeRenderer
+
+    aabb = torch.tensor([[-0.5, -0.3, -1.0], [0.5, 0.3, 1.0]])
+    estimator = nerfacc.OccGridEstimator(roi_aabb=aabb.reshape(-1), resolution=8, levels=1)
+    estimator.binaries.zero_()
+    estimator.binaries[0, 1, 2, 3] = True
+    cuda_like = {"cuda_grid": dict(estimator.state_dict())}
+    occupied = checkpoint_occupancy(cuda_like)
+    assert occupied.shape == (8, 8, 8) and occupied.sum() == 1 and occupied[1, 2, 3]
+
+    renderer = VolumeRenderer(aabb)  # CPU: no mask before the grid has seen a field
+    assert renderer.occupied is None
+    renderer.cpu_grid.update(lambda x: (x[:, 0] > 0).float() * 100, threshold=1.0)
+    assert checkpoint_occupancy({"cpu_grid": renderer.occupied}) is renderer.cpu_grid.mask
+    assert renderer.occupied[-1].all() and not renderer.occupied[0].any()
+    assert checkpoint_occupancy({"field": {}}) is None

@@ -238,6 +238,7 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     from .imageio import load_photo
     from .perception import Perception
     from .mesh_rig import bake_texture, transfer_skin_weights, unpose, unwrap_groups, unwrap_uv
+    from .optimise import checkpoint_occupancy
     from .pipeline import resolve_device
 
     device = resolve_device(settings.device)
@@ -253,7 +254,7 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     photo, perception = load_photo(job.root / settings.photo), Perception.load(job.layout.perception)
     silhouette = reference_silhouette(photo, perception, fit, out.vertices[0], body_f, cfg)
     mesh = field_surface(field, fc, fc.resolution_gpu if gpu else fc.resolution_cpu, body_v, body_f, silhouette,
-                         ckpt.get("cpu_grid"))
+                         checkpoint_occupancy(ckpt))
     if mesh.num_vertices == 0:
         from .errors import EngineError
 

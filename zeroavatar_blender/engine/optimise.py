@@ -157,6 +157,15 @@ def latest_checkpoint(job: Job, *, on_bad=None) -> dict[str, Any] | None:
     return None
 
 
+def checkpoint_occupancy(ckpt: dict[str, Any]) -> torch.Tensor | None:
+    """The cells the run's renderer sampled, (R, R, R) bool, from either path's grid (the CPU
+    grid's mask or nerfacc's binaries); None in a checkpoint without one."""
+    if "cpu_grid" in ckpt:
+        return ckpt["cpu_grid"]
+    binaries = (ckpt.get("cuda_grid") or {}).get("binaries")
+    return None if binaries is None else binaries[0]
+
+
 def clear_run(job: Job) -> None:
     """A fresh optimisation: drop the checkpoints and previews of an earlier run."""
     for path in checkpoint_paths(job) + sorted(job.layout.meshes.glob("step_*.npz")):
@@ -551,9 +560,7 @@ class Optimiser:
         from .extract import vertex_colors, write_preview_mesh
         from .field_avatar import density_grid, surface_from_density
 
-        grid = self.renderer.cpu_grid
-        occupied = grid.mask if grid is not None and grid.values is not None else None
-        axes, density = density_grid(self.field, self.config.mesh_resolution, occupied)
+        axes, density = density_grid(self.field, self.config.mesh_resolution, self.renderer.occupied)
         mesh = surface_from_density(density, self.field.config.surface_density, axes, self._preview_union(axes))
         if mesh.num_vertices == 0:
             return None

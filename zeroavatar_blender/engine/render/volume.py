@@ -370,6 +370,17 @@ class VolumeRenderer:
     def backend(self) -> str:
         return "occupancy_grid" if self.grid is not None else "dense"
 
+    @property
+    def occupied(self) -> torch.Tensor | None:
+        """The cells the renderer samples, (R, R, R) bool over the box (x, y, z order), or None
+        before the grid knows the field: density elsewhere is never seen, so mesh extraction
+        need not evaluate it (field_avatar.density_grid)."""
+        if self.grid is not None:
+            return self.grid.estimator.binaries[0]
+        if self.cpu_grid is not None and self.cpu_grid.values is not None:
+            return self.cpu_grid.mask
+        return None
+
     def _cpu_threshold(self) -> float:
         """The CUDA grid's rule in density units: skip cells whose opacity over one sample step is
         below ``occ_threshold``."""
