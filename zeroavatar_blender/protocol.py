@@ -48,7 +48,7 @@ EVENT_TYPES = frozenset(
     {
         "started",  # {pid, argv, version}
         "stage",  # {stage, message}
-        "progress",  # {stage, step, total, loss?, elapsed, eta?, samples_per_ray? (optimise)}
+        "progress",  # {stage, step, total, loss?, elapsed, eta?, samples_per_ray?, occupied? (optimise: the grid's share of the box)}
         "message",  # {level: info|warning, message}
         "mesh",  # {step, path}: an intermediate mesh to preview (relative to the job)
         "checkpoint",  # {step, path}

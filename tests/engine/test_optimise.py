@@ -96,6 +96,8 @@ def test_streams_meshes_and_checkpoints(fitted_job, tmp_path):
     assert [e["step"] for e in progress] == list(range(1, 13))
     # each step reports the field evaluations per ray it spent (what a step's cost follows)
     assert all(0 < e["samples_per_ray"] <= 64 for e in progress)
+    # and the share of the box its grid marches: the body and its margin, not the box
+    assert all(0.01 < e["occupied"] < 0.5 for e in progress)
 
 
 def test_cancel_then_resume_equals_uninterrupted(fitted_job, tmp_path):
@@ -279,7 +281,7 @@ def test_checkpoints_from_before_the_speed_knobs_still_resume():
         before.pop(key)
     old = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == old
-    for key, value in (("tf32", True), ("grid_blend", "sum"), ("channels_last", True)):
+    for key, value in (("tf32", True), ("grid_blend", "sum"), ("channels_last", True), ("carve_margin", 0.0)):
         assert dataclasses.replace(cfg, **{key: value}).fingerprint() != old
 
 

@@ -116,3 +116,30 @@ def test_a_horizontal_arm_read_across_its_thickness_is_not_a_garment():
     skirt = body.copy()
     skirt[80:100, 55:105] = True  # a flare 15 px past each side of the torso: still a garment
     assert silhouette_excess(skirt, body, metres_per_pixel=0.01, dead_zone=0.02, smooth_px=0)[90, 100] > 0.1
+
+
+def test_silhouette_cone_allows_the_person_mask_the_margin_and_what_the_photo_cannot_see():
+    from zeroavatar_blender.engine.priors import SilhouetteCone
+
+    cam = Camera(intrinsics(64, 64, 160.0), look_at(np.array([0.0, -3.0, 0.0]), np.zeros(3)), 64, 64)
+    mask = torch.zeros(64, 64)
+    mask[:, 20:30] = 1.0  # a vertical band left of the image centre
+    pts = np.array([[-0.1, 0.0, 0.0],   # in the band
+                    [-0.1, 1.5, 0.3],   # in the band, far behind the subject: the photo cannot tell
+                    [0.3, 0.0, 0.0],    # right of the band: background in the photo
+                    [2.0, 0.0, 0.0],    # off the image
+                    [0.0, -4.0, 0.0]])  # behind the camera
+    cols = cam.project(pts[:3])[:, 0]
+    assert 20 <= cols[0] < 30 and 20 <= cols[1] < 30 and cols[2] > 40
+    cone = SilhouetteCone(cam, mask, margin_px=0)
+    np.testing.assert_array_equal(cone(torch.tensor(pts, dtype=torch.float32)).numpy(), [1, 1, 0, 1, 1])
+    # 0.16 m right of the band's edge at 3 m is ~9 px: inside a 10 px margin, outside a 5 px one
+    edge = torch.tensor([[-0.1 + 0.205, 0.0, 0.0]])
+    assert 37 < cam.project(edge.numpy())[0, 0] < 39
+    assert SilhouetteCone(cam, mask, margin_px=5)(edge).item() == 0
+    assert SilhouetteCone(cam, mask, margin_px=10)(edge).item() == 1
+    # a margin in metres at the body's depth: 0.06 m at 3 m with f = 160 is 4 px
+    depth = torch.full((64, 64), float("inf"))
+    depth[:, 20:30] = 3.0
+    assert SilhouetteCone.for_reference(cam, mask, depth, 0.06).margin_px == 4
+    assert 0.15 < SilhouetteCone(cam, mask, margin_px=0).share < 0.16

@@ -79,6 +79,9 @@ class OptimiseConfig:
     tf32: bool = False  # TF32 tensor cores for the field's fp32 matmuls
     grid_blend: str = "matmul"  # the hash grid's corner blend on CUDA: "matmul" or "sum" (HashGridConfig.blend)
     channels_last: bool = False  # NHWC UNet, ControlNet and VAE (SDSConfig.channels_last)
+    # metres the photo's person mask is grown by before the space outside it is kept empty
+    # (priors.SilhouetteCone; 0: off): floaters there cost samples every step and cannot be right
+    carve_margin: float = 0.04
     # streaming and checkpoints
     mesh_every: int = 50
     mesh_resolution: int = 72
@@ -129,7 +132,7 @@ class OptimiseConfig:
 
 
 # settings added after checkpoints were first written (session 6), with their defaults
-LATER_SETTINGS = {"tf32": False, "grid_blend": "matmul", "channels_last": False}
+LATER_SETTINGS = {"tf32": False, "grid_blend": "matmul", "channels_last": False, "carve_margin": 0.04}
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -386,7 +389,14 @@ class Optimiser:
             self.prior = BodyPrior(garment_proxy_sdf(self.prior.sdf, problem.ref_camera, excess), self.prior.config)
         self.prior_is_proxy = grow > 0
         self.prior = self.prior.to(dev)
-        self.renderer = VolumeRenderer(self.aabb, VolumeRendererConfig(n_samples=c.n_samples), on_message=job.info)
+        allowed = None
+        if c.carve_margin > 0:
+            from .priors import SilhouetteCone
+
+            allowed = SilhouetteCone.for_reference(problem.ref_camera, problem.ref_mask, problem.ref_body_depth,
+                                                   c.carve_margin, dev)
+        self.renderer = VolumeRenderer(self.aabb, VolumeRendererConfig(n_samples=c.n_samples), on_message=job.info,
+                                       allowed=allowed)
         self.optimizer = torch.optim.Adam([
             {"params": self.field.encoding.parameters(), "lr": c.lr_encoding},
             {"params": list(self.field.density_mlp.parameters()) + list(self.field.color_mlp.parameters()), "lr": c.lr_mlp},
@@ -397,6 +407,7 @@ class Optimiser:
         self.history: list[dict[str, float]] = []
         self.oom_downscale = 1.0
         self.samples_per_ray = 0.0
+        self.occupied_share = 1.0  # of the box's cells, in the renderer's grid
 
     # state ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -463,6 +474,9 @@ class Optimiser:
         gen = torch.Generator().manual_seed(seed)
         dev = p.device
         self.renderer.update(self.field, step)
+        if step % 16 == 0:  # a read-back (a device wait on a GPU), so not every step
+            occupied = self.renderer.occupied
+            self.occupied_share = 1.0 if occupied is None else float(occupied.float().mean())
         losses: dict[str, torch.Tensor] = {}
 
         # reference view: random pixels of the photo
@@ -662,7 +676,7 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
             raise EngineError(f"the optimisation diverged at step {opt.step} (loss {record['total']})",
                               "resume from the last checkpoint, or try another --seed")
         job.progress("optimise", opt.step, config.steps, loss=record["total"], stage_started=started, done_before=first,
-                     stats={"samples_per_ray": opt.samples_per_ray})
+                     stats={"samples_per_ray": opt.samples_per_ray, "occupied": opt.occupied_share})
         if opt.step % config.mesh_every == 0 and opt.step < config.steps:
             opt.stream_mesh()
         if opt.step % config.checkpoint_every == 0 or opt.step == config.steps:

@@ -146,3 +146,45 @@ def points_to_pixels(points: np.ndarray, camera: Camera) -> tuple[torch.Tensor, 
     K, w2c = camera.torch(torch.float64)
     pix, z = project_torch(torch.as_tensor(np.asarray(points, np.float64)), K, w2c)
     return pix.float(), z > 0
+
+
+class SilhouetteCone:
+    """Where the photo lets the person be: the points whose reference-view pixel is in the person
+    mask (grown by ``margin_px``), or off the image, or behind the camera (the photo says nothing
+    there: a half-body photo's legs). Anything else would show as person where the photo shows
+    background, so a density there is a floater by definition; the renderer's occupancy grids
+    leave such cells empty (never sampled, so no step pays for them and no mesh shows them).
+
+    Callable on the device the mask is on: (N,3) world -> (N,) float 0/1.
+    """
+
+    def __init__(self, camera: Camera, mask: torch.Tensor, margin_px: int, device: torch.device | str = "cpu") -> None:
+        person = (torch.as_tensor(mask, dtype=torch.float32).cpu() > 0.05).float()
+        if margin_px > 0:
+            k = 2 * int(margin_px) + 1
+            person = torch.nn.functional.max_pool2d(person[None, None], k, stride=1, padding=int(margin_px))[0, 0]
+        self.inside = person.to(device)
+        self.K, self.w2c = camera.torch(torch.float32, device)
+        self.margin_px = int(margin_px)
+
+    @staticmethod
+    def for_reference(camera: Camera, mask: torch.Tensor, body_depth: torch.Tensor, margin_m: float,
+                      device: torch.device | str = "cpu") -> "SilhouetteCone":
+        """``margin_m`` metres at the body's median depth (the mask's soft edge, stray hair)."""
+        depth = torch.as_tensor(body_depth)
+        hit = torch.isfinite(depth)
+        z = float(depth[hit].median()) if bool(hit.any()) else 3.0
+        return SilhouetteCone(camera, mask, int(np.ceil(margin_m * float(camera.K[0, 0]) / z)), device)
+
+    @property
+    def share(self) -> float:
+        """The image's share the cone covers (a fully masked photo carves nothing)."""
+        return float(self.inside.mean())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        pix, z = project_torch(x.to(self.K.dtype), self.K, self.w2c)
+        H, W = self.inside.shape
+        col, row = torch.round(pix[:, 0]).long(), torch.round(pix[:, 1]).long()
+        on_image = (z > 1e-6) & (col >= 0) & (col < W) & (row >= 0) & (row < H)
+        seen = self.inside[row.clamp(0, H - 1), col.clamp(0, W - 1)]
+        return torch.where(on_image, seen, torch.ones_like(seen))

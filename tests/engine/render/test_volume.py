@@ -231,7 +231,7 @@ def test_occupancy_grid_fill_covers_the_field():
     touches (and not much else); marching through it needs CUDA (tested below)."""
     ball = Ball(radius=0.5, peak=2000.0, sharpness=300.0)
     grid = OccupancyGridRenderer(BOX, OccupancyGridConfig(resolution=32, render_step_size=2.0 / 256))
-    grid.fill(ball)
+    grid.fill(ball.density)
     occupied = grid.estimator.binaries[0]
     centres = (torch.stack(torch.meshgrid(*(torch.arange(32),) * 3, indexing="ij"), -1) + 0.5) / 32 * 2 - 1
     r = centres.norm(dim=-1)
@@ -292,3 +292,37 @@ def test_cuda_box_without_the_marcher_renders_with_the_dense_sampler_on_the_gpu(
     cpu = render_dense(Ball(radius=0.45, centre=(0.1, 0.0, 0.05)), rays_cpu, BOX, n_samples=256,
                        background=torch.ones(3))
     assert (gpu.rgb.cpu() - cpu.rgb).abs().max().item() < 0.02
+
+
+def test_grids_keep_disallowed_space_empty_so_a_floater_there_is_never_sampled():
+    """With ``allowed`` (the photo's silhouette cone in a run), the skipping grid leaves a
+    floater outside it empty: no samples are spent on it and no image shows it."""
+    body = Ball(radius=0.3, peak=2000.0, sharpness=300.0)
+    floater = Ball(radius=0.15, peak=2000.0, sharpness=300.0, centre=(0.7, 0.0, 0.0))
+
+    class Scene:
+        def density(self, x):
+            return body.density(x) + floater.density(x)
+
+        def __call__(self, x):
+            return FieldOutputs(self.density(x), body.color(x))
+
+    scene = Scene()
+    rays, _ = front_camera_rays(32)
+    hits = {}
+    for name, allowed in (("plain", None), ("carved", lambda x: (x[:, 0] < 0.45).float())):
+        renderer = VolumeRenderer(BOX, VolumeRendererConfig(n_samples=64, cpu_occupancy_resolution=32), allowed=allowed)
+        renderer.fill(scene)
+        out = renderer.render(scene, rays)
+        hits[name] = (out.opacity[:, 0] > 0.5).reshape(32, 32), out.n_samples
+    (plain, plain_n), (carved, carved_n) = hits["plain"], hits["carved"]
+    assert plain[:, 24:].any() and not carved[:, 24:].any()  # the floater's columns, right of the body
+    assert torch.equal(plain[:, :18], carved[:, :18])  # the body is untouched
+    assert carved_n < plain_n
+    # the CUDA path's grid takes the same carved density (its fill runs in plain torch)
+    carve = VolumeRenderer(BOX, allowed=lambda x: (x[:, 0] < 0.45).float())
+    for carved, density in ((False, scene.density), (True, carve._grid_density(scene))):
+        grid = OccupancyGridRenderer(BOX, OccupancyGridConfig(resolution=32, render_step_size=2.0 / 256))
+        grid.fill(density)
+        floater_cells = grid.estimator.binaries[0][27:, 14:18, 14:18]  # x in [0.69, 1]
+        assert bool(floater_cells.any()) != carved

@@ -266,23 +266,23 @@ class OccupancyGridRenderer:
                                                   levels=1).to(aabb.device)
 
     @torch.no_grad()
-    def update(self, field: RadianceField, step: int) -> None:
+    def update(self, density_fn: Callable[[torch.Tensor], torch.Tensor], step: int) -> None:
         """Refresh the grid while training (every ``update_every`` steps; all cells in warm-up)."""
         c = self.config
         self.estimator.train()
-        self.estimator.update_every_n_steps(step=step, occ_eval_fn=lambda x: field.density(x) * self.step_size,
+        self.estimator.update_every_n_steps(step=step, occ_eval_fn=lambda x: density_fn(x) * self.step_size,
                                             occ_thre=c.occ_threshold, ema_decay=c.ema_decay,
                                             warmup_steps=c.warmup_steps, n=c.update_every)
 
     @torch.no_grad()
-    def fill(self, field: RadianceField, rounds: int = 4) -> None:
+    def fill(self, density_fn: Callable[[torch.Tensor], torch.Tensor], rounds: int = 4) -> None:
         """Build the grid from scratch for a fixed field (inference, or just after distillation):
         every cell at several jittered points, keeping each cell's maximum."""
         c = self.config
         est = self.estimator
         est.occs.zero_()
         for _ in range(rounds):
-            est._update(step=0, occ_eval_fn=lambda x: field.density(x) * self.step_size,
+            est._update(step=0, occ_eval_fn=lambda x: density_fn(x) * self.step_size,
                         occ_thre=c.occ_threshold, ema_decay=1.0, warmup_steps=1)
         # One random point per cell and round can miss a surface that clips a cell's corner:
         # grow the occupied set by one cell so silhouettes are never cut (as DenseOccupancy does).
@@ -348,9 +348,13 @@ class VolumeRenderer:
     """
 
     def __init__(self, aabb: torch.Tensor, config: VolumeRendererConfig | None = None,
-                 on_message: Callable[[str], None] | None = None) -> None:
+                 on_message: Callable[[str], None] | None = None,
+                 allowed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.config = config or VolumeRendererConfig()
         self.aabb = aabb
+        # (N,3) -> (N,) 0/1: where density may be; the grids keep every other cell empty
+        # (priors.SilhouetteCone: outside the photo's person mask nothing can be)
+        self.allowed = allowed
         c = self.config
         self.grid: OccupancyGridRenderer | None = None
         self.cpu_grid: DenseOccupancy | None = None
@@ -387,22 +391,30 @@ class VolumeRenderer:
         step_len = float((self.aabb[1] - self.aabb[0]).norm()) / self.config.n_samples
         return self.config.occupancy.occ_threshold / step_len
 
+    def _grid_density(self, field: RadianceField) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The density the grids see: the field's, zero where ``allowed`` says none can be."""
+        if self.allowed is None:
+            return field.density
+        allowed = self.allowed
+        return lambda x: field.density(x) * allowed(x).to(x.dtype)
+
     @torch.no_grad()
     def update(self, field: RadianceField, step: int) -> None:
         """Refresh the skipping grid from the field's current density (call once per step)."""
         if self.grid is not None:
-            self.grid.update(field, step)
+            self.grid.update(self._grid_density(field), step)
         elif self.cpu_grid is not None and step % self.config.occupancy.update_every == 0:
-            self.cpu_grid.update(field.density, self._cpu_threshold(), sample=self.config.occupancy.refresh_share)
+            self.cpu_grid.update(self._grid_density(field), self._cpu_threshold(),
+                                 sample=self.config.occupancy.refresh_share)
 
     @torch.no_grad()
     def fill(self, field: RadianceField, rounds: int = 4) -> None:
         """Build the skipping grid from scratch for the field as it is now."""
         if self.grid is not None:
-            self.grid.fill(field, rounds)
+            self.grid.fill(self._grid_density(field), rounds)
         elif self.cpu_grid is not None:
             self.cpu_grid.reset()
-            self.cpu_grid.update(field.density, self._cpu_threshold(), rounds=rounds)
+            self.cpu_grid.update(self._grid_density(field), self._cpu_threshold(), rounds=rounds)
 
     def render(self, field: RadianceField, rays: RayBundle, *, jitter: bool = False,
                background: torch.Tensor | None = None, with_normals: bool = False,
