@@ -337,3 +337,17 @@ def test_checkpoint_occupancy_reads_either_paths_grid():
     assert checkpoint_occupancy({"cpu_grid": renderer.occupied}) is renderer.cpu_grid.mask
     assert renderer.occupied[-1].all() and not renderer.occupied[0].any()
     assert checkpoint_occupancy({"field": {}}) is None
+
+
+def test_a_body_prior_weighted_zero_costs_no_field_pass(fitted_job, tmp_path, monkeypatch):
+    """`full` lets go of the body prior at 40 % of its steps; from then on a step must not
+    evaluate the field for it (a forward and backward pass at 4096 points, multiplied by zero)."""
+    from zeroavatar_blender.engine.field import body_prior
+
+    calls = []
+    real = body_prior.prior_loss
+    monkeypatch.setattr(body_prior, "prior_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run(copy_job(fitted_job, tmp_path / "on"), 2)
+    assert len(calls) == 2
+    run(copy_job(fitted_job, tmp_path / "off"), 2, w_body_prior=((0, 0.05), (0.5, 0.0)))
+    assert len(calls) == 3  # the first step only: the weight is 0 from the second step on

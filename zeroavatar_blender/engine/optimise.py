@@ -521,7 +521,8 @@ class Optimiser:
             losses["sds"] = torch.stack(sds_terms).mean()
         # fading body prior at fresh points in the box
         pts = self.aabb[0] + torch.rand(4096, 3, generator=gen).to(dev) * (self.aabb[1] - self.aabb[0])
-        losses["body_prior"] = prior_loss(self.field, self.prior, pts)
+        if c.at(c.w_body_prior, step) > 0:  # `full` lets go of the body at 40 %: no field pass for nothing
+            losses["body_prior"] = prior_loss(self.field, self.prior, pts)
 
         weights = {"rgb": c.w_rgb, "mask": c.w_mask, "depth_corr": c.w_depth_corr, "uv_prior": c.w_uv_prior,
                    "body_prior": c.w_body_prior, "sds": c.w_sds}
