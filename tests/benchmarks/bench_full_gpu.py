@@ -59,6 +59,23 @@ def save_random_sd15(folder: Path, device: torch.device) -> tuple[Path, Path]:
     return sd_dir, cn_dir
 
 
+def step_windows(progress: list[dict], every: int = 250) -> list[dict]:
+    """The loop's pace through the run: for each window of ``every`` steps, its ms per step and
+    what a step's cost follows (samples per ray, the grid's occupied share) at the window's end.
+    A resumed run's first window after the restart is skipped (its clock restarted)."""
+    rows, start = [], None
+    for e in progress:
+        if start is None or e["elapsed"] < start["elapsed"]:
+            start = e
+            continue
+        if e["step"] // every > start["step"] // every:
+            rows.append({"steps": f"{start['step']}-{e['step']}",
+                         "ms_per_step": round(1000 * (e["elapsed"] - start["elapsed"]) / (e["step"] - start["step"]), 1),
+                         "samples_per_ray": e.get("samples_per_ray"), "occupied": e.get("occupied")})
+            start = e
+    return rows
+
+
 def summarise(events: list[dict]) -> dict:
     """Stage wall times, optimisation steps/s and memory from a job's events."""
     from zeroavatar_blender.evaluation.benchmark import stage_seconds
@@ -71,6 +88,7 @@ def summarise(events: list[dict]) -> dict:
             out["optimise_steps_per_s"] = (b["step"] - a["step"]) / (b["time"] - a["time"])
         out["last_step"] = b["step"]
         out["total_steps"] = b.get("total")
+        out["windows"] = step_windows(progress)
     dones = [e for e in events if e["type"] == "done"]  # one per engine process (optimise, finalise)
     for key in ("cuda_peak_mb", "peak_rss_mb"):
         values = [e[key] for e in dones if key in e]

@@ -434,13 +434,6 @@ def _check_compatible(unet_cfg: dict, cn_cfg: dict, text_dim: int, weights: Guid
                                 f"({unet_cfg.get('cross_attention_dim')})", "the model folder is inconsistent")
 
 
-def init_kwargs() -> dict[str, Any]:
-    """With accelerate installed, diffusers builds a model empty and fills it from the file;
-    without it, it first initialises every weight at random (seconds of CPU for SD's 1.2 billion
-    parameters, thrown away at once) and warns. ``bench_guidance_load`` measures both."""
-    return {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
-
-
 def load_guidance_pipeline(weights: GuidanceWeights, device: str | torch.device = "cpu",
                            dtype: torch.dtype | None = None, *, allow_unsafe: bool = False) -> GuidancePipeline:
     """Load the UNet, VAE, CLIP text encoder, tokenizer, noise schedule and ControlNet, frozen.
@@ -472,7 +465,7 @@ def load_guidance_pipeline(weights: GuidanceWeights, device: str | torch.device 
             return _load(what, sd / sub, cls.from_pretrained, str(sd), subfolder=sub, variant=variant,
                          use_safetensors=safetensors, local_files_only=True, **extra)
 
-        quiet = init_kwargs()
+        quiet = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
         unet = component(UNet2DConditionModel, "unet", "UNet", torch_dtype=dtype, **quiet)
         vae = component(AutoencoderKL, "vae", "VAE", torch_dtype=dtype, **quiet)
         text_encoder = component(CLIPTextModel, "text_encoder", "text encoder", dtype=dtype)
@@ -502,7 +495,7 @@ def load_guidance_pipeline(weights: GuidanceWeights, device: str | torch.device 
         variant, safetensors = _pick_weights(cn, "", dtype, allow_unsafe)
         cn_cfg = _read_json(cn / "config.json") or {}
         _check_compatible(unet_cfg, cn_cfg, text_encoder.config.hidden_size, weights)
-        quiet = init_kwargs()
+        quiet = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
         controlnet = _load("ControlNet", cn, ControlNetModel.from_pretrained, str(cn), variant=variant,
                            use_safetensors=safetensors, local_files_only=True, torch_dtype=dtype, **quiet)
     else:
