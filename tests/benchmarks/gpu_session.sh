@@ -2,7 +2,8 @@
 # The prepared GPU check (see gpu_prepare.sh): nerfacc's CUDA build, a default `full` run end to
 # end, a per-part step profile, SDS speed, the CUDA tests. Results go to $OUT. Run it as
 #   LIMIT=560 bash .gpu/run.sh        (carry .whl and .gpu; LIMIT: seconds this call may use)
-# SKIP_FULL=1 SKIP_PROFILE=1 VARIANTS=1: only the step-speed variants (corner blend, TF32, NHWC).
+# SKIP_FULL=1 SKIP_PROFILE=1 VARIANTS=1: only the step-speed variants (CUDA graph of the diffusion
+# pass, corner blend, TF32, NHWC).
 # SETS="--set tf32=true ...": OptimiseConfig overrides for the full run (the winners).
 set -u
 S=$(date +%s)
@@ -39,8 +40,8 @@ if [ "${SKIP_PROFILE:-0}" = 0 ]; then
   timeout $(( $(left) - 3 )) $PROFILE --json "$OUT/profile.json" 2>&1 | tail -48 | tee "$OUT/profile.log"
 fi
 if [ "${VARIANTS:-0}" = 1 ]; then  # one process each (~40 s): the default again, then each variant alone
-  for v in default "--set grid_blend=sum" "--set tf32=true" "--set channels_last=true" \
-           "--set grid_blend=sum --set tf32=true --set channels_last=true"; do
+  for v in default "--set cuda_graphs=true" "--set grid_blend=sum" "--set tf32=true" "--set channels_last=true" \
+           "--set cuda_graphs=true --set grid_blend=sum --set tf32=true --set channels_last=true"; do
     [ "$(left)" -lt 50 ] && break
     name=$(echo "$v" | sed 's/--set //g; s/=true//g; s/=/_/g; s/ /+/g'); t "variant $name"
     timeout $(( $(left) - 3 )) $PROFILE $( [ "$v" = default ] || echo $v ) --json "$OUT/variant_$name.json" 2>&1 \
@@ -52,6 +53,7 @@ if [ "${SKIP_SDS:-1}" = 0 ]; then
   timeout 70 python3 -m tests.benchmarks.bench_sds_gpu --batches 1,2 --steps 10 --warmup 3 --full-steps 2500 \
     --json "$OUT/sds.json" 2>&1 | tail -6
   t "GPU tests"
-  timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/render/test_volume.py 2>&1 | tail -5
+  timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/render/test_volume.py \
+    tests/engine/guidance/test_sds.py 2>&1 | tail -5
 fi
 t "end"

@@ -281,7 +281,8 @@ def test_checkpoints_from_before_the_speed_knobs_still_resume():
         before.pop(key)
     old = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == old
-    for key, value in (("tf32", True), ("grid_blend", "sum"), ("channels_last", True), ("carve_margin", 0.0)):
+    for key, value in (("tf32", True), ("grid_blend", "sum"), ("channels_last", True), ("carve_margin", 0.0),
+                       ("cuda_graphs", True)):
         assert dataclasses.replace(cfg, **{key: value}).fingerprint() != old
 
 

@@ -79,6 +79,7 @@ class OptimiseConfig:
     tf32: bool = False  # TF32 tensor cores for the field's fp32 matmuls
     grid_blend: str = "matmul"  # the hash grid's corner blend on CUDA: "matmul" or "sum" (HashGridConfig.blend)
     channels_last: bool = False  # NHWC UNet, ControlNet and VAE (SDSConfig.channels_last)
+    cuda_graphs: bool = False  # the SDS's ControlNet + UNet pass replayed as one CUDA graph (guidance/cuda_graph.py)
     # metres the photo's person mask is grown by before the space outside it is kept empty
     # (priors.SilhouetteCone; 0: off): floaters there cost samples every step and cannot be right
     carve_margin: float = 0.04
@@ -132,7 +133,8 @@ class OptimiseConfig:
 
 
 # settings added after checkpoints were first written (session 6), with their defaults
-LATER_SETTINGS = {"tf32": False, "grid_blend": "matmul", "channels_last": False, "carve_margin": 0.04}
+LATER_SETTINGS = {"tf32": False, "grid_blend": "matmul", "channels_last": False, "carve_margin": 0.04,
+                  "cuda_graphs": False}
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -565,6 +567,10 @@ class Optimiser:
         depth_cond = normalise_depth(depth.detach()[None, None], mask[None, None])
         emb = self.prompts([azimuth], [elevation])
         out = self.guidance(rgb, depth_cond, emb, step, generator=gen)
+        fallback = getattr(self.guidance, "graph_fallback", "")
+        if fallback and not self.problem.extra.get("told_graph_fallback"):
+            self.problem.extra["told_graph_fallback"] = True
+            self.job.info(fallback, "warning")
         self.last_depth_source = "body" if step < c.depth_switch_step * c.steps else "field"
         return out["loss"]
 
@@ -606,7 +612,8 @@ class Optimiser:
         return path
 
 
-def _check_full_quality(job: Job, settings, device: str, channels_last: bool = False) -> tuple[Any, Any]:
+def _check_full_quality(job: Job, settings, device: str, channels_last: bool = False,
+                        cuda_graphs: bool = False) -> tuple[Any, Any]:
     """Load the guidance for ``full``, or explain the choice the user has."""
     from .guidance.prompts import ViewPromptCache, build_prompt
     from .guidance.sds import DepthControlledSDS, SDSConfig
@@ -619,7 +626,7 @@ def _check_full_quality(job: Job, settings, device: str, channels_last: bool = F
             "or add --allow-slow to run 'full' on the CPU anyway")
     weights = find_guidance_weights(settings.sd_weights, settings.controlnet_weights)
     job.info(f"Guidance: {weights.description}")
-    cfg = SDSConfig(seed=settings.seed, channels_last=channels_last)
+    cfg = SDSConfig(seed=settings.seed, channels_last=channels_last, cuda_graphs=cuda_graphs)
     guidance = DepthControlledSDS.from_weights(weights, device, cfg)
     prompts = ViewPromptCache(guidance.pipe.encode_text, build_prompt(settings.prompt))
     return guidance, prompts
@@ -639,7 +646,7 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
     config = dataclasses.replace(config, **overrides)
     guidance = prompts = None
     if settings.quality == "full":
-        guidance, prompts = _check_full_quality(job, settings, device, config.channels_last)
+        guidance, prompts = _check_full_quality(job, settings, device, config.channels_last, config.cuda_graphs)
     job.stage("optimise", f"Optimising the avatar ({settings.quality}, {config.steps} steps on {device})")
     problem, _, _ = build_problem(job, settings, config)
     problem.extra["finalise_config"] = finalise_config(settings)  # previews are made like the final surface

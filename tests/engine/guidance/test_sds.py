@@ -302,3 +302,48 @@ def test_prompt_cache_encodes_once_and_gathers_by_view(pipe):
     torch.testing.assert_close(cache.for_views(["side"]).cond, pipe.encode_text(["a person, side view"]))
     plain = ViewPromptCache(pipe.encode_text, "a person", view_dependent=False)
     torch.testing.assert_close(plain([0.0]).cond, plain([180.0]).cond)
+
+
+# --- the diffusion pass as a CUDA graph ----------------------------------------------------------
+
+def test_a_refused_graph_capture_falls_back_to_the_eager_pass_and_says_why(pipe, prompts):
+    """On the CPU ``cuda_graphs`` does nothing; a capture that cannot run (here: CPU tensors)
+    leaves the SDS on the eager pass, with the same gradient, and the reason kept for the user."""
+    from zeroavatar_blender.engine.guidance.cuda_graph import GraphedPass
+
+    latents, noise = fixed_draws(2, seed=5)
+    depth, emb, t = depth_map(2, 4), prompts([0.0, 200.0]), torch.tensor([300, 600])
+    eager = DepthControlledSDS(pipe, SDSConfig(resolution=RES))
+    sds = DepthControlledSDS(pipe, SDSConfig(resolution=RES, cuda_graphs=True))
+    assert sds.graphed is None  # CPU: no graph
+    sds.graphed = GraphedPass(sds._diffusion_pass)
+    a = eager.loss_from_latents(latents, eager.control_image(depth), emb, step=0, t=t, noise=noise)
+    b = sds.loss_from_latents(latents, sds.control_image(depth), emb, step=0, t=t, noise=noise)
+    assert sds.graphed is None and "CUDA graph capture failed" in sds.graph_fallback
+    assert torch.equal(a["loss"], b["loss"])
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_cuda_graph_pass_equals_the_eager_pass(tmp_path):
+    """The captured ControlNet + UNet pass gives the eager pass's noise prediction for new
+    inputs at every replay, and captures again only when the shapes change."""
+    lay = tm.make_layouts(tmp_path)
+    cuda_pipe = W.load_guidance_pipeline(W.find_guidance_weights(str(lay.sd_dir), str(lay.controlnet_dir)), "cuda")
+    cache = ViewPromptCache(cuda_pipe.encode_text, build_prompt("a person"))
+    eager = DepthControlledSDS(cuda_pipe, SDSConfig(resolution=RES))
+    graphed = DepthControlledSDS(cuda_pipe, SDSConfig(resolution=RES, cuda_graphs=True))
+    assert graphed.graphed is not None
+    for batch, seed in ((1, 0), (1, 1), (1, 2), (2, 3)):
+        latents, noise = fixed_draws(batch, seed=seed)
+        depth, emb = depth_map(batch, seed), cache([30.0 * seed] * batch)
+        t = torch.tensor([100 + 200 * seed] * batch)
+        want = eager.loss_from_latents(latents.cuda(), eager.control_image(depth), emb, step=0, t=t, noise=noise)
+        got = graphed.loss_from_latents(latents.cuda(), graphed.control_image(depth), emb, step=0, t=t, noise=noise)
+        assert not graphed.graph_fallback
+        torch.testing.assert_close(got["grad_norm"], want["grad_norm"], rtol=2e-3, atol=1e-3)
+    assert graphed.graphed.captures == 2  # batch 1, then batch 2

@@ -42,6 +42,7 @@ class SDSConfig:
     attention_slicing: bool = False  # lower peak memory in attention, a little slower
     vae_slicing: bool = False  # encode the batch one image at a time
     channels_last: bool = False  # NHWC convolutions (often faster on tensor cores)
+    cuda_graphs: bool = False  # CUDA: the ControlNet + UNet pass replayed as one graph (cuda_graph.py)
     seed: int = 0  # for the default generator (timesteps and noise)
 
     def __post_init__(self) -> None:
@@ -107,6 +108,12 @@ class DepthControlledSDS:
         if cfg.channels_last:
             for m in (pipeline.unet, pipeline.controlnet, pipeline.vae):
                 m.to(memory_format=torch.channels_last)
+        self.graphed = None  # the captured diffusion pass, on CUDA with cfg.cuda_graphs
+        self.graph_fallback = ""  # why the pass runs eagerly after all (a failed capture)
+        if cfg.cuda_graphs and torch.device(pipeline.device).type == "cuda":
+            from .cuda_graph import GraphedPass
+
+            self.graphed = GraphedPass(self._diffusion_pass)
 
     @classmethod
     def from_weights(cls, weights: GuidanceWeights, device: str | torch.device = "cpu",
@@ -174,12 +181,25 @@ class DepthControlledSDS:
         ctrl = torch.cat([control, control])
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        down, mid = self.pipe.controlnet(x, tt, encoder_hidden_states=text, controlnet_cond=ctrl,
-                                         conditioning_scale=conditioning_scale, return_dict=False)
-        eps = self.pipe.unet(x, tt, encoder_hidden_states=text, down_block_additional_residuals=down,
-                             mid_block_additional_residual=mid, return_dict=False)[0].float()
+        eps = None
+        if self.graphed is not None:
+            try:
+                eps = self.graphed(x, tt, text, ctrl, conditioning_scale).float()
+            except RuntimeError as exc:  # capture refused: run eagerly from now on, and say why
+                self.graphed = None
+                self.graph_fallback = f"CUDA graph capture failed, running the diffusion pass eagerly: {exc}"[:400]
+        if eps is None:
+            eps = self._diffusion_pass(x, tt, text, ctrl, conditioning_scale).float()
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def _diffusion_pass(self, x: torch.Tensor, tt: torch.Tensor, text: torch.Tensor, ctrl: torch.Tensor,
+                        conditioning_scale: float) -> torch.Tensor:
+        """ControlNet, then the UNet with its residuals: (2B,4,h,w) noise predictions, pipe dtype."""
+        down, mid = self.pipe.controlnet(x, tt, encoder_hidden_states=text, controlnet_cond=ctrl,
+                                         conditioning_scale=conditioning_scale, return_dict=False)
+        return self.pipe.unet(x, tt, encoder_hidden_states=text, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid, return_dict=False)[0]
 
     def _embeddings(self, emb: PromptEmbeddings, batch: int) -> PromptEmbeddings:
         if emb.cond.shape[0] == batch:
