@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -308,7 +309,8 @@ def test_speed_knobs_reach_the_field_and_the_guidance(fitted_job, tmp_path):
         settings.extra["allow_slow_full"] = True
         layouts = {}
         for nhwc in (False, True):
-            guidance, _ = opt_mod._check_full_quality(job, settings, "cpu", channels_last=nhwc)
+            config = dataclasses.replace(opt_mod.OptimiseConfig.for_quality("full", "cpu"), channels_last=nhwc)
+            guidance, _ = opt_mod._check_full_quality(job, settings, "cpu", config)
             layouts[nhwc] = [m.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
                              for m in (guidance.pipe.unet, guidance.pipe.controlnet)]
     finally:
@@ -352,3 +354,62 @@ def test_a_body_prior_weighted_zero_costs_no_field_pass(fitted_job, tmp_path, mo
     assert len(calls) == 2
     run(copy_job(fitted_job, tmp_path / "off"), 2, w_body_prior=((0, 0.05), (0.5, 0.0)))
     assert len(calls) == 3  # the first step only: the weight is 0 from the second step on
+
+
+def test_the_run_configures_sds_annealing_clipping_scale_and_size():
+    """The SDS the run builds takes the run's settings: the timestep range's upper end annealed
+    over the run, a growing gradient clip, the guidance scale and size (none of them defaults of
+    the SDS module), with fraction-of-run points turned into steps."""
+    from zeroavatar_blender.engine.guidance.schedules import value_at
+    from zeroavatar_blender.engine.optimise import OptimiseConfig, sds_config
+
+    cfg = OptimiseConfig.for_quality("full", "cuda")
+    sds = sds_config(cfg, seed=3)
+    assert (sds.guidance_scale, sds.resolution, sds.seed) == (50.0, 512, 3)
+    assert value_at(sds.max_step_percent, 0) == pytest.approx(0.98)
+    assert value_at(sds.max_step_percent, cfg.steps // 4) == pytest.approx(0.74)
+    assert value_at(sds.max_step_percent, cfg.steps) == pytest.approx(0.5)
+    assert value_at(sds.min_step_percent, cfg.steps) == pytest.approx(0.02)
+    assert value_at(sds.grad_clip, 0) == pytest.approx(0.5) and value_at(sds.grad_clip, cfg.steps) == pytest.approx(2.0)
+    off = sds_config(dataclasses.replace(cfg, sds_grad_clip=None, cuda_graphs=True, channels_last=True), seed=0)
+    assert off.grad_clip is None and off.cuda_graphs and off.channels_last
+
+
+def test_full_run_loads_the_models_alongside_the_body_distillation(fitted_job, tmp_path):
+    """`full` loads SD + ControlNet on a thread while the problem is built and the body distilled:
+    the run says how long it waited for them, a corrupt weight file still fails the run with the
+    loader's own message, and the loader leaves torch's global random generator alone (so the
+    main thread's draws cannot depend on timing)."""
+    from tests.engine.guidance.tiny_models import build_tiny_components, save_diffusers
+    from zeroavatar_blender.engine.errors import BadInputError
+    from zeroavatar_blender.engine.optimise import run_optimisation, start_guidance
+
+    sd_dir, cn_dir = save_diffusers(build_tiny_components(), tmp_path / "sd", tmp_path / "cn")
+    broken = tmp_path / "sd_broken"
+    shutil.copytree(sd_dir, broken)
+    unet_file = next((broken / "unet").glob("*.safetensors"))
+    unet_file.write_bytes(unet_file.read_bytes()[:100])
+
+    def full_run(sd: Path, name: str) -> Job:
+        job = Job(copy_job(fitted_job, tmp_path / name)).open()
+        try:
+            settings = settings_for(job, 2, quality="full", sds_resolution=64)
+            settings.sd_weights, settings.controlnet_weights = str(sd), str(cn_dir)
+            settings.extra["allow_slow_full"] = True
+            if name == "rng":
+                torch.manual_seed(5)
+                before = torch.random.get_rng_state()
+                start_guidance(job, settings, "cpu").result()
+                assert torch.equal(before, torch.random.get_rng_state())
+            else:
+                run_optimisation(job, settings)
+        finally:
+            job.close()
+        return job
+
+    job = full_run(sd_dir, "good")
+    messages = [e["message"] for e in protocol.iter_events(job.layout.events) if e["type"] == "message"]
+    assert any(m.startswith("Diffusion models loaded in") and "waited" in m for m in messages), messages
+    with pytest.raises(BadInputError, match="could not load the UNet"):
+        full_run(broken, "broken")
+    full_run(sd_dir, "rng")

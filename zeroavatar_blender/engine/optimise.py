@@ -75,6 +75,11 @@ class OptimiseConfig:
     depth_switch_step: float = 0.5  # full: ControlNet depth from the body until this fraction, then the field's
     guidance_scale: float = 50.0
     sds_resolution: int = 512
+    # SDS timestep range as fractions of the 1000 diffusion steps, over the fraction of the run:
+    # large t (shape) early, the upper end annealed to mid-range t (detail) by half-way (threestudio)
+    sds_min_step: Any = 0.02
+    sds_max_step: Any = ((0, 0.98), (0.5, 0.5))
+    sds_grad_clip: Any = ((0, 0.5), (1.0, 2.0))  # elementwise clamp of the latent gradient; None: off
     # CUDA speed knobs, off until a GPU benchmark shows they pay (`profile_step --set KEY=VALUE`)
     tf32: bool = False  # TF32 tensor cores for the field's fp32 matmuls
     grid_blend: str = "matmul"  # the hash grid's corner blend on CUDA: "matmul" or "sum" (HashGridConfig.blend)
@@ -121,6 +126,13 @@ class OptimiseConfig:
         points = [(float(f) * self.steps, float(v)) for f, v in value]
         return value_at(Schedule(points), step)
 
+    def in_steps(self, value: Any) -> Any:
+        """A setting as the guidance takes it: numbers (and None) as they are, (fraction-of-steps,
+        value) points as a Schedule over step indices."""
+        if value is None or isinstance(value, (int, float)):
+            return value
+        return Schedule([(float(f) * self.steps, float(v)) for f, v in value])
+
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed (not the step count: more steps may be asked)."""
         d = dataclasses.asdict(self)
@@ -134,7 +146,8 @@ class OptimiseConfig:
 
 # settings added after checkpoints were first written (session 6), with their defaults
 LATER_SETTINGS = {"tf32": False, "grid_blend": "matmul", "channels_last": False, "carve_margin": 0.04,
-                  "cuda_graphs": False}
+                  "cuda_graphs": False, "sds_min_step": 0.02, "sds_max_step": ((0, 0.98), (0.5, 0.5)),
+                  "sds_grad_clip": ((0, 0.5), (1.0, 2.0))}
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -612,11 +625,29 @@ class Optimiser:
         return path
 
 
-def _check_full_quality(job: Job, settings, device: str, channels_last: bool = False,
-                        cuda_graphs: bool = False) -> tuple[Any, Any]:
-    """Load the guidance for ``full``, or explain the choice the user has."""
+def _check_full_quality(job: Job, settings, device: str, config: OptimiseConfig | None = None) -> tuple[Any, Any]:
+    """Load the guidance for ``full``, or explain the choice the user has. -> (guidance, prompts)."""
+    return start_guidance(job, settings, device, config).result()
+
+
+def sds_config(config: OptimiseConfig, seed: int):
+    """The run's SDS settings (guidance scale, annealed timestep range, gradient clip, size, the
+    CUDA knobs), schedules over the fraction of the run turned into schedules over steps."""
+    from .guidance.sds import SDSConfig
+
+    return SDSConfig(guidance_scale=config.guidance_scale, min_step_percent=config.in_steps(config.sds_min_step),
+                     max_step_percent=config.in_steps(config.sds_max_step),
+                     grad_clip=config.in_steps(config.sds_grad_clip), resolution=config.sds_resolution, seed=seed,
+                     channels_last=config.channels_last, cuda_graphs=config.cuda_graphs)
+
+
+def start_guidance(job: Job, settings, device: str, config: OptimiseConfig | None = None):
+    """Check that ``full`` can run and find its weights here (a missing weight or a CPU without
+    --allow-slow fails before any work), then load them on a thread: the problem build and the
+    body distillation do not need them (background.py). -> BackgroundCall of (guidance, prompts)."""
+    from .background import BackgroundCall
     from .guidance.prompts import ViewPromptCache, build_prompt
-    from .guidance.sds import DepthControlledSDS, SDSConfig
+    from .guidance.sds import DepthControlledSDS
     from .guidance.weights import find_guidance_weights
 
     if device != "cuda" and not settings.extra.get("allow_slow_full"):
@@ -626,10 +657,13 @@ def _check_full_quality(job: Job, settings, device: str, channels_last: bool = F
             "or add --allow-slow to run 'full' on the CPU anyway")
     weights = find_guidance_weights(settings.sd_weights, settings.controlnet_weights)
     job.info(f"Guidance: {weights.description}")
-    cfg = SDSConfig(seed=settings.seed, channels_last=channels_last, cuda_graphs=cuda_graphs)
-    guidance = DepthControlledSDS.from_weights(weights, device, cfg)
-    prompts = ViewPromptCache(guidance.pipe.encode_text, build_prompt(settings.prompt))
-    return guidance, prompts
+    cfg = sds_config(config or OptimiseConfig.for_quality("full", device, settings.steps, settings.seed), settings.seed)
+
+    def load() -> tuple[Any, Any]:
+        guidance = DepthControlledSDS.from_weights(weights, device, cfg)
+        return guidance, ViewPromptCache(guidance.pipe.encode_text, build_prompt(settings.prompt))
+
+    return BackgroundCall(load, name="guidance-loader")
 
 
 def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
@@ -644,13 +678,13 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
         raise BadInputError(f"unknown optimisation settings: {', '.join(sorted(unknown))}",
                             "see OptimiseConfig in zeroavatar_blender/engine/optimise.py")
     config = dataclasses.replace(config, **overrides)
-    guidance = prompts = None
+    loading = None
     if settings.quality == "full":
-        guidance, prompts = _check_full_quality(job, settings, device, config.channels_last, config.cuda_graphs)
+        loading = start_guidance(job, settings, device, config)
     job.stage("optimise", f"Optimising the avatar ({settings.quality}, {config.steps} steps on {device})")
     problem, _, _ = build_problem(job, settings, config)
     problem.extra["finalise_config"] = finalise_config(settings)  # previews are made like the final surface
-    opt = Optimiser(job, problem, guidance, prompts)
+    opt = Optimiser(job, problem)
     ckpt = None if not resume else latest_checkpoint(job, on_bad=lambda p, e: job.info(f"Skipping unreadable checkpoint {p.name}: {e}", "warning"))
     if resume and ckpt is not None:
         opt.restore(ckpt)
@@ -659,6 +693,15 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
         clear_run(job)
         opt.initialise()
         opt.stream_mesh()
+    if loading is not None:
+        try:
+            opt.guidance, opt.prompts = loading.result(should_stop=lambda: job.cancel_requested)
+        except InterruptedError:
+            opt.checkpoint()  # the distilled field: a resume starts from it
+            raise CancelledError("cancelled while loading the diffusion models",
+                                 "resume the job to continue from this checkpoint") from None
+        job.info(f"Diffusion models loaded in {loading.seconds:.1f} s, alongside the body distillation "
+                 f"({loading.waited:.1f} s waited for them)")
     started = time.time()
     first = opt.step
     while opt.step < config.steps:

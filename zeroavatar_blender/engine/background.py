@@ -1,0 +1,53 @@
+"""One function run on a thread while the caller does other work: its result, or its exception.
+
+Why: loading Stable Diffusion and the ControlNet takes seconds to tens of seconds (16.4 s of the
+H100 run of 2026-11-26: imports, reading 2.6 GB, moving it to the GPU), and none of it depends on
+the problem build and the body distillation that come before the first SDS step. Loading and
+reading files release the GIL, so the two overlap. The loader must not draw from torch's global
+random generator (the main thread's draws must not depend on timing); the diffusion loader
+does not (checked in test_optimise).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class BackgroundCall(Generic[T]):
+    def __init__(self, fn: Callable[[], T], name: str = "background") -> None:
+        self._fn = fn
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self.seconds = 0.0  # the call's own duration
+        self.waited = 0.0  # how long ``result`` blocked for it
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller as it was raised
+            self._error = exc
+        finally:
+            self.seconds = time.perf_counter() - started
+
+    def result(self, should_stop: Callable[[], bool] | None = None) -> T:
+        """The function's value (its exception is raised here). ``should_stop`` is asked every
+        0.1 s while waiting; when it says yes, ``InterruptedError`` is raised and the thread is
+        left to finish on its own (a daemon: it does not keep the process alive)."""
+        started = time.perf_counter()
+        while self._thread.is_alive():
+            self._thread.join(0.1)
+            if self._thread.is_alive() and should_stop is not None and should_stop():
+                self.waited += time.perf_counter() - started
+                raise InterruptedError("stopped while waiting for a background call")
+        self.waited += time.perf_counter() - started
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
