@@ -54,6 +54,6 @@ if [ "${SKIP_SDS:-1}" = 0 ]; then
     --json "$OUT/sds.json" 2>&1 | tail -6
   t "GPU tests"
   timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/render/test_volume.py \
-    tests/engine/guidance/test_sds.py 2>&1 | tail -5
+    tests/engine/guidance/test_sds.py tests/engine/test_transfer.py 2>&1 | tail -5
 fi
 t "end"

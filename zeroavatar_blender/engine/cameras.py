@@ -66,9 +66,11 @@ class Camera:
                       int(d["width"]), int(d["height"]))
 
     def torch(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, world_to_cam) as tensors."""
-        return (torch.as_tensor(self.K, dtype=dtype, device=device),
-                torch.as_tensor(self.world_to_cam, dtype=dtype, device=device))
+        """(K, world_to_cam) as tensors (uploaded without a host wait: transfer.py)."""
+        from .transfer import to_device
+
+        return (to_device(torch.as_tensor(self.K, dtype=dtype), device),
+                to_device(torch.as_tensor(self.world_to_cam, dtype=dtype), device))
 
 
 def intrinsics(width: int, height: int, focal_px: float | None = None) -> np.ndarray:

@@ -36,6 +36,7 @@ from .cameras import Camera, orbit_camera
 from .errors import BadInputError, CancelledError, EngineError, NeedsChoiceError
 from .guidance.schedules import Schedule, value_at
 from .job import Job, atomic_save
+from .transfer import to_device
 
 CHECKPOINT_KEEP = 3
 
@@ -340,8 +341,9 @@ def sample_reference_pixels(mask: torch.Tensor, n: int, generator: torch.Generat
         inside = person_pixels(mask)
     n_in = n // 2 if len(inside) else 0
     # draws on the (CPU) generator whatever the mask's device: the same pixels on every device
-    pick_in = inside[torch.randint(len(inside), (n_in,), generator=generator).to(inside.device)] if n_in else inside[:0]
-    pick_any = torch.randint(H * W, (n - n_in,), generator=generator).to(inside.device)
+    pick_in = inside[to_device(torch.randint(len(inside), (n_in,), generator=generator), inside.device)] if n_in \
+        else inside[:0]
+    pick_any = to_device(torch.randint(H * W, (n - n_in,), generator=generator), inside.device)
     return torch.cat([pick_in, pick_any])
 
 
@@ -499,7 +501,7 @@ class Optimiser:
         K, w2c = cam.torch(torch.float32, dev)
         rays_all, inside = self._reference_rays()
         n_rays = max(256, int(c.ref_rays * self.oom_downscale))
-        idx = sample_reference_pixels(p.ref_mask, n_rays, gen, inside).to(dev)
+        idx = to_device(sample_reference_pixels(p.ref_mask, n_rays, gen, inside), dev)
         out = self.renderer.render(self.field, rays_all[idx], jitter=True, generator=gen)
         samples, rays = out.n_samples, len(idx)
         mask_t = p.ref_mask.reshape(-1)[idx][:, None]
@@ -535,7 +537,7 @@ class Optimiser:
         if sds_terms:
             losses["sds"] = torch.stack(sds_terms).mean()
         # fading body prior at fresh points in the box
-        pts = self.aabb[0] + torch.rand(4096, 3, generator=gen).to(dev) * (self.aabb[1] - self.aabb[0])
+        pts = self.aabb[0] + to_device(torch.rand(4096, 3, generator=gen), dev) * (self.aabb[1] - self.aabb[0])
         if c.at(c.w_body_prior, step) > 0:  # `full` lets go of the body at 40 %: no field pass for nothing
             losses["body_prior"] = prior_loss(self.field, self.prior, pts)
 

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..transfer import to_device
+
 VIEWS = ("front", "side", "back", "overhead")
 DEFAULT_SUBJECT = "a person"
 DEFAULT_TEMPLATE = "a photo of {subject}, full body, high quality, detailed, realistic"
@@ -109,7 +111,7 @@ class ViewPromptCache:
                  elevation_deg: torch.Tensor | Sequence[float] | None = None) -> PromptEmbeddings:
         """(B,) camera azimuths (and elevations) in degrees -> embeddings for those views."""
         el = None if elevation_deg is None else torch.as_tensor(elevation_deg)
-        return self._gather(view_indices(torch.as_tensor(azimuth_deg), el, self.thresholds).to(self._cond.device))
+        return self._gather(to_device(view_indices(torch.as_tensor(azimuth_deg), el, self.thresholds), self._cond.device))
 
     def _gather(self, idx: torch.Tensor) -> PromptEmbeddings:
         cond = self._cond.index_select(0, idx)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInputError
+from ..transfer import to_device
 from .prompts import PromptEmbeddings
 from .schedules import ScheduleLike, value_at
 from .weights import GuidancePipeline, GuidanceWeights, default_dtype, load_guidance_pipeline
@@ -222,10 +223,10 @@ class DepthControlledSDS:
         emb = self._embeddings(text_embeddings, B)
         if t is None:
             t = self.sample_timesteps(step, B, gen)
-        t = torch.as_tensor(t, dtype=torch.long).reshape(B).to(device)
+        t = to_device(torch.as_tensor(t, dtype=torch.long).reshape(B), device)
         if noise is None:
             noise = torch.randn(latents.shape, generator=gen)
-        noise = noise.to(device, torch.float32)
+        noise = to_device(noise, device, torch.float32)
 
         with torch.no_grad():
             abar = self.pipe.alphas_cumprod[t].view(B, 1, 1, 1)

@@ -26,6 +26,7 @@ import torch
 
 from ..cameras import camera_rays
 from ..field.nerf import RadianceField
+from ..transfer import to_device
 from .cuda_marcher import cuda_marcher_status
 
 BackgroundMode = Literal["random", "noise", "white", "black"]
@@ -78,9 +79,9 @@ def background_color(mode: BackgroundMode, n_rays: int, *, device: torch.device 
     if mode == "black":
         return torch.zeros(n_rays, 3, device=device)
     if mode == "random":
-        return torch.rand(1, 3, generator=generator).to(device).expand(n_rays, 3)
+        return to_device(torch.rand(1, 3, generator=generator), device).expand(n_rays, 3)
     if mode == "noise":
-        return torch.rand(n_rays, 3, generator=generator).to(device)
+        return to_device(torch.rand(n_rays, 3, generator=generator), device)
     raise ValueError(f"unknown background mode {mode!r}; choose random, noise, white or black")
 
 
