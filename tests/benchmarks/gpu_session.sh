@@ -5,6 +5,7 @@
 # SKIP_FULL=1 SKIP_PROFILE=1 VARIANTS=1: only the step-speed variants (CUDA graph of the diffusion
 # pass, corner blend, TF32, NHWC).
 # SETS="--set tf32=true ...": OptimiseConfig overrides for the full run (the winners).
+# AUTO=1 SKIP_PROFILE=1: test and profile the CUDA-graph variant, then the full run with the faster.
 set -u
 S=$(date +%s)
 t() { echo "=== [t=$(( $(date +%s) - S ))s] $*"; }
@@ -23,6 +24,31 @@ from zeroavatar_blender.engine.render.cuda_marcher import cuda_marcher_status
 print('marcher', cuda_marcher_status(print), round(time.time()-t,1), 's')" 2>&1 | tail -5 | tee "$OUT/nerfacc_build.log"
 t "random full-size SD1.5 + ControlNet weights"
 timeout 120 python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job --prepare-only 2>&1 | tail -2
+PROFILE="python3 -m tests.benchmarks.profile_step --job .gpu/job --quality full --device cuda --steps 16 --warmup 3
+  --at-step ${AT_STEP:-0.8} --sd-weights /tmp/zeroavatar_random_sd15/sd15
+  --controlnet-weights /tmp/zeroavatar_random_sd15/controlnet_depth"
+if [ "${AUTO:-0}" = 1 ]; then
+  # the CUDA graph of the diffusion pass: its correctness test first, then a profile of the
+  # default step and of the graphed one; the full run below takes the graph when it is >5 % faster
+  t "auto: GPU tests of the graphed pass and the uploads"
+  if timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/guidance/test_sds.py \
+       tests/engine/test_transfer.py 2>&1 | tail -3 | tee "$OUT/auto_tests.log" | grep -q " passed" \
+     && ! grep -q "failed" "$OUT/auto_tests.log"; then
+    for v in default cuda_graphs; do
+      t "auto: profile $v"
+      timeout 150 $PROFILE $( [ $v = default ] || echo --set cuda_graphs=true ) --json "$OUT/auto_$v.json" 2>&1 \
+        | grep -E "steps/s|GPU busy|ATen ops per step"
+    done
+    SETS=$(python3 -c "
+import json
+try:
+    d, g = (json.load(open('$OUT/auto_%s.json' % v))['step_ms'] for v in ('default', 'cuda_graphs'))
+    print('--set cuda_graphs=true' if g < 0.95 * d else '')
+except Exception:
+    print('')")
+  fi
+  echo "auto: full run with SETS='${SETS:-}'" | tee "$OUT/auto_choice.txt"
+fi
 if [ "${SKIP_FULL:-0}" = 0 ]; then
   t "full run (default steps)"
   # the benchmark stops the engine itself at --timeout and extrapolates; the outer timeout is a backstop.
@@ -32,9 +58,6 @@ if [ "${SKIP_FULL:-0}" = 0 ]; then
     | grep -v "^\[optimise\] [0-9]*/[0-9]* " | tail -60 > "$OUT/full_run.log"
   tail -45 "$OUT/full_run.log"
 fi
-PROFILE="python3 -m tests.benchmarks.profile_step --job .gpu/job --quality full --device cuda --steps 16 --warmup 3
-  --at-step ${AT_STEP:-0.8} --sd-weights /tmp/zeroavatar_random_sd15/sd15
-  --controlnet-weights /tmp/zeroavatar_random_sd15/controlnet_depth"
 if [ "${SKIP_PROFILE:-0}" = 0 ]; then
   t "step profile (full, late in the schedules)"
   timeout $(( $(left) - 3 )) $PROFILE --json "$OUT/profile.json" 2>&1 | tail -48 | tee "$OUT/profile.log"
