@@ -143,3 +143,42 @@ def test_silhouette_cone_allows_the_person_mask_the_margin_and_what_the_photo_ca
     depth[:, 20:30] = 3.0
     assert SilhouetteCone.for_reference(cam, mask, depth, 0.06).margin_px == 4
     assert 0.15 < SilhouetteCone(cam, mask, margin_px=0).share < 0.16
+
+
+def test_a_sleeve_pressed_against_a_jacket_is_measured_per_body_part():
+    """Arms hanging against a torso, both in a puffy jacket: each row of the person mask is one
+    run from sleeve to sleeve. Read as one round cross-section it makes the chest as deep as the
+    whole run is wide (the chest plate); measured per body part (the run cut where the nearest
+    body pixel turns from arm to torso) the chest gets the jacket's own extra width. Rows with no
+    arm (a skirt around the legs) are measured as before."""
+    body = np.zeros((120, 160), bool)
+    body[20:110, 60:100] = True  # torso, 40 px
+    body[25:70, 48:60] = True  # arms, 12 px, touching its sides
+    body[25:70, 100:112] = True
+    arm = np.zeros_like(body)
+    arm[25:70, 48:60] = arm[25:70, 100:112] = True
+    person = body.copy()
+    person[22:72, 42:118] = True  # the jacket: 6 px of puff past each sleeve
+    person[80:100, 45:115] = True  # a skirt flaring 15 px past the hips
+    kw = dict(metres_per_pixel=0.01, dead_zone=0.02, smooth_px=0)
+    whole = silhouette_excess(person, body, **kw)
+    parts = silhouette_excess(person, body, arm_mask=arm, **kw)
+    chest = (slice(30, 65), slice(70, 90))
+    assert whole[chest].mean() > 0.03  # the 76 px run read against the 64 px arms + torso: a plate
+    assert parts[chest].max() == 0.0  # the torso part has no extra width of its own here
+    assert parts[30:65, 42:48].max() > 0.05  # the sleeves' puff is still a garment
+    np.testing.assert_array_equal(parts[75:110], whole[75:110])  # the skirt rows: no arm, no change
+
+
+def test_arm_vertices_are_the_arms_and_hands_of_the_body(anny_body):
+    from zeroavatar_blender.engine.body.base import arm_vertices
+
+    with torch.no_grad():
+        out = anny_body.forward(anny_body.zero_params())
+    arms = arm_vertices(anny_body.bone_parents, out.bone_posed[0, :, :3, 3].numpy(), out.keypoints[0].numpy(),
+                        anny_body.skin_indices.numpy(), anny_body.skin_weights.numpy())
+    v = out.vertices[0].numpy()
+    wrists = out.keypoints[0, 9:11].numpy()
+    near_wrist = np.linalg.norm(v[:, None] - wrists[None], axis=-1).min(1) < 0.05
+    head = v[:, 2] > out.keypoints[0, 0, 2].item()  # above the nose
+    assert 0.1 < arms.mean() < 0.45 and arms[near_wrist].mean() > 0.95 and not arms[head].any()

@@ -112,16 +112,20 @@ class ReferenceSilhouette:
         return excess_at_points(points, self.camera, self.excess)
 
 
-def reference_silhouette(photo, perception, fit, body_vertices: torch.Tensor, body_faces: np.ndarray,
-                         field_cfg: dict) -> ReferenceSilhouette:
-    """The reference view exactly as the optimiser built it (same resolution, mask, body depth)."""
-    from .optimise import radius_guess, reference_excess, reference_view
+def reference_silhouette(photo, perception, fit, body, out, field_cfg: dict) -> ReferenceSilhouette:
+    """The reference view exactly as the optimiser built it (same resolution, mask, body depth,
+    garment measure: ``field_cfg`` is the run's saved OptimiseConfig; an older run's lacks
+    ``arm_cut`` and was made without it). ``out``: the posed body (body.forward)."""
+    from .optimise import radius_guess, reference_arm_pixels, reference_excess, reference_view
 
-    posed = body_vertices.detach().float().cpu()
-    faces = torch.as_tensor(body_faces, dtype=torch.long)
-    cam, _, mask, depth = reference_view(photo.rgb, perception.mask, fit.camera.scaled(photo.scale), posed, faces,
-                                         int(field_cfg.get("ref_resolution", 256)))
-    excess = reference_excess(mask, depth, cam, radius_guess(fit, posed)) if field_cfg.get("garment_proxy", False) else None
+    posed = out.vertices[0].detach().float().cpu()
+    faces = torch.as_tensor(np.asarray(body.faces), dtype=torch.long)
+    cam, _, mask, depth, face_id = reference_view(photo.rgb, perception.mask, fit.camera.scaled(photo.scale), posed,
+                                                  faces, int(field_cfg.get("ref_resolution", 256)))
+    excess = None
+    if field_cfg.get("garment_proxy", False):
+        arms = reference_arm_pixels(face_id, body, out) if field_cfg.get("arm_cut", False) else None
+        excess = reference_excess(mask, depth, cam, radius_guess(fit, posed), arms)
     return ReferenceSilhouette(cam, mask.clamp(0, 1).numpy(), excess)
 
 
@@ -252,7 +256,7 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     body_v = out.vertices[0].double().cpu().numpy()
     body_f = np.asarray(body.faces, np.int64)
     photo, perception = load_photo(job.root / settings.photo), Perception.load(job.layout.perception)
-    silhouette = reference_silhouette(photo, perception, fit, out.vertices[0], body_f, cfg)
+    silhouette = reference_silhouette(photo, perception, fit, body, out, cfg)
     mesh = field_surface(field, fc, fc.resolution_gpu if gpu else fc.resolution_cpu, body_v, body_f, silhouette,
                          checkpoint_occupancy(ckpt))
     if mesh.num_vertices == 0:

@@ -89,6 +89,9 @@ class OptimiseConfig:
     # metres the photo's person mask is grown by before the space outside it is kept empty
     # (priors.SilhouetteCone; 0: off): floaters there cost samples every step and cannot be right
     carve_margin: float = 0.04
+    # the garment prior measures the photo's silhouette per body part, cut where an arm meets the
+    # torso (priors.silhouette_excess arm_mask): a sleeve against a jacket is not a thick chest
+    arm_cut: bool = True
     # streaming and checkpoints
     mesh_every: int = 50
     mesh_resolution: int = 72
@@ -148,7 +151,7 @@ class OptimiseConfig:
 # settings added after checkpoints were first written (session 6), with their defaults
 LATER_SETTINGS = {"tf32": False, "grid_blend": "matmul", "channels_last": False, "carve_margin": 0.04,
                   "cuda_graphs": False, "sds_min_step": 0.02, "sds_max_step": ((0, 0.98), (0.5, 0.5)),
-                  "sds_grad_clip": ((0, 0.5), (1.0, 2.0))}
+                  "sds_grad_clip": ((0, 0.5), (1.0, 2.0)), "arm_cut": True}
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -243,7 +246,8 @@ def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, 
     body = load_job_body(job, settings)
     params = fitted_params(job, body, fit)
     with torch.no_grad():
-        posed = body.forward(params).vertices[0].float()
+        out = body.forward(params)
+    posed = out.vertices[0].float()
     photo = load_photo(job.root / settings.photo)
     perception = Perception.load(job.layout.perception)
     work_cam = fit.camera.scaled(photo.scale)
@@ -253,9 +257,11 @@ def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, 
     uv_texture = torch.cat([torch.from_numpy(tex.image).float() / 255, torch.from_numpy(known)[..., None]], -1)
 
     faces = torch.as_tensor(body.faces, dtype=torch.long)
-    ref_cam, ref_rgb, ref_mask, ref_depth = reference_view(photo.rgb, perception.mask, work_cam, posed, faces,
-                                                           config.ref_resolution)
-    excess = reference_excess(ref_mask, ref_depth, ref_cam, radius_guess(fit, posed)) if config.garment_proxy else None
+    ref_cam, ref_rgb, ref_mask, ref_depth, ref_faces = reference_view(photo.rgb, perception.mask, work_cam, posed,
+                                                                      faces, config.ref_resolution)
+    arms = reference_arm_pixels(ref_faces, body, out) if config.arm_cut else None
+    excess = reference_excess(ref_mask, ref_depth, ref_cam, radius_guess(fit, posed), arms) \
+        if config.garment_proxy else None
 
     lo, hi = posed.min(0).values.numpy(), posed.max(0).values.numpy()
     target = (lo + hi) / 2
@@ -273,9 +279,10 @@ def build_problem(job: Job, settings, config: OptimiseConfig) -> tuple[Problem, 
 
 
 def reference_view(photo_rgb: np.ndarray, mask: np.ndarray | None, work_cam: Camera, posed: torch.Tensor,
-                   faces: torch.Tensor, resolution: int) -> tuple[Camera, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   faces: torch.Tensor, resolution: int
+                   ) -> tuple[Camera, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The photo at a working resolution (long side ``resolution``): (camera, rgb (H,W,3),
-    person mask (H,W), the fitted body's depth (H,W), +inf off it)."""
+    person mask (H,W), the fitted body's depth (H,W), +inf off it, its face ids (H,W), -1 off it)."""
     from .render.raster import rasterize
 
     scale = resolution / max(photo_rgb.shape[:2])
@@ -287,17 +294,33 @@ def reference_view(photo_rgb: np.ndarray, mask: np.ndarray | None, work_cam: Cam
     ref_mask = F.interpolate(torch.from_numpy(np.asarray(pmask, np.float32))[None, None], size=(H, W), mode="area")[0, 0]
     K, w2c = ref_cam.torch(torch.float32)
     v_cam = posed @ w2c[:3, :3].T + w2c[:3, 3]
-    ref_depth = rasterize(v_cam, faces, K, W, H).depth
-    return ref_cam, ref_rgb, ref_mask, ref_depth
+    raster = rasterize(v_cam, faces, K, W, H)
+    return ref_cam, ref_rgb, ref_mask, raster.depth, raster.face_id
 
 
-def reference_excess(ref_mask: torch.Tensor, ref_depth: torch.Tensor, ref_cam: Camera, fallback_depth: float) -> np.ndarray:
-    """Metres the person is thicker than the fitted body along each reference pixel (priors.py)."""
+def reference_arm_pixels(face_id: torch.Tensor, body, out) -> np.ndarray:
+    """The reference view's body pixels that are arms (body.base.arm_vertices). -> (H,W) bool."""
+    from .body.base import arm_vertices
+
+    arms = arm_vertices(body.bone_parents, out.bone_posed[0, :, :3, 3].detach().cpu().numpy(),
+                        out.keypoints[0].detach().cpu().numpy(), body.skin_indices.cpu().numpy(),
+                        body.skin_weights.cpu().numpy())
+    fid = face_id.cpu().numpy()
+    hit = fid >= 0
+    pixels = np.zeros(fid.shape, bool)
+    pixels[hit] = arms[np.asarray(body.faces)[fid[hit], 0]]
+    return pixels
+
+
+def reference_excess(ref_mask: torch.Tensor, ref_depth: torch.Tensor, ref_cam: Camera, fallback_depth: float,
+                     arm_pixels: np.ndarray | None = None) -> np.ndarray:
+    """Metres the person is thicker than the fitted body along each reference pixel (priors.py);
+    ``arm_pixels`` (reference_arm_pixels): measured per body part."""
     from .priors import silhouette_excess
 
     body_px = torch.isfinite(ref_depth)
     z = float(ref_depth[body_px].median()) if bool(body_px.any()) else fallback_depth
-    return silhouette_excess(ref_mask.numpy() > 0.5, body_px.numpy(), z / float(ref_cam.K[0, 0]))
+    return silhouette_excess(ref_mask.numpy() > 0.5, body_px.numpy(), z / float(ref_cam.K[0, 0]), arm_mask=arm_pixels)
 
 
 def level_set_points(sdf) -> np.ndarray | None:

@@ -62,9 +62,31 @@ def _transposed(measure, *masks: np.ndarray) -> np.ndarray:
     return measure(*(np.ascontiguousarray(np.asarray(m).T) for m in masks)).T
 
 
+def nearest_body_label(body: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Each pixel's label (0/1) of the nearest body pixel in its own row, -1 in rows without
+    body. (H,W) bool, (H,W) bool -> (H,W) int8."""
+    body = np.asarray(body, bool)
+    out = np.full(body.shape, -1, np.int8)
+    if not body.any():
+        return out
+    # a huge spacing between rows makes the distance transform one nearest search per row
+    _, (ni, nj) = distance_transform_edt(~body, sampling=(1e6, 1.0), return_indices=True)
+    rows = body.any(axis=1)
+    out[rows] = np.asarray(label, bool)[ni, nj][rows].astype(np.int8)
+    return out
+
+
+def cut_at_label_changes(masks: tuple[np.ndarray, ...], labels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each mask with the pixel where ``labels`` (nearest_body_label) changes along a row taken
+    out, so row runs end where an arm meets the torso."""
+    change = np.zeros(labels.shape, bool)
+    change[:, 1:] = (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] >= 0) & (labels[:, :-1] >= 0)
+    return tuple(np.asarray(m, bool) & ~change for m in masks)
+
+
 def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per_pixel: float, *,
                       dead_zone: float = DEAD_ZONE_M, max_excess: float = MAX_EXCESS_M,
-                      smooth_px: float = 1.5) -> np.ndarray:
+                      smooth_px: float = 1.5, arm_mask: np.ndarray | None = None) -> np.ndarray:
     """How far (metres) from the fitted body the person's surface may reach along each pixel's ray.
 
     On the body's silhouette: how much thicker the person is there than the body (difference of
@@ -74,6 +96,9 @@ def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per
     capped by that run's extra width, so two body runs joined across a gap the fit leaves (the
     armpits) are not a garment. Zero outside the person mask, and where the person is within
     ``dead_zone`` of the body (fit error, painted-on clothes).
+    ``arm_mask``: the body's pixels that are arms. Runs are then measured per body part: a run is
+    cut where its nearest body pixel turns from arm to torso or back, so a sleeve pressed against
+    a jacket's side does not inflate the chest as one wide round section (the chest plate).
     person_mask, body_mask (H,W) bool; ``metres_per_pixel`` at the subject's depth. -> (H,W) float32.
     """
     person = np.asarray(person_mask, bool)
@@ -91,14 +116,22 @@ def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per
     else:
         beside_px, across_rows = np.zeros(body.shape), np.ones(body.shape, bool)
 
-    def across(measure, *masks):
-        return np.where(across_rows, measure(*masks), _transposed(measure, *masks))
+    rows_cut = cols_cut = {"person": person, "body": body}  # the masks each direction measures
+    if arm_mask is not None and body.any():
+        arm = np.asarray(arm_mask, bool) & body
+        p_rows, b_rows = cut_at_label_changes((person, body), nearest_body_label(body, arm))
+        p_cols, b_cols = cut_at_label_changes((person.T, body.T), nearest_body_label(body.T, arm.T))
+        rows_cut, cols_cut = {"person": p_rows, "body": b_rows}, {"person": p_cols.T, "body": b_cols.T}
 
-    h_person = across(row_half_depth, person) * metres_per_pixel
-    h_body = across(row_half_depth, body) * metres_per_pixel
+    def across(measure, *names):
+        by_rows = measure(*(rows_cut[n] for n in names))
+        return np.where(across_rows, by_rows, _transposed(measure, *(cols_cut[n] for n in names)))
+
+    h_person = across(row_half_depth, "person") * metres_per_pixel
+    h_body = across(row_half_depth, "body") * metres_per_pixel
     beside = beside_px * metres_per_pixel
     # extra half-thickness along the ray, at most the run's extra width (see run_extra_width)
-    extra = across(run_extra_width, person, body) * metres_per_pixel
+    extra = across(run_extra_width, "person", "body") * metres_per_pixel
     depth = np.maximum(np.minimum(h_person - h_body, extra) - dead_zone, 0.0)
     reach = np.where(body, depth, np.where(depth > 0, np.hypot(beside, depth), 0.0))
     reach = np.clip(reach, 0.0, max_excess) * person

@@ -87,6 +87,21 @@ def dominant_chains(skin_idx: np.ndarray, skin_w: np.ndarray, parents: np.ndarra
     return bone_chains(np.asarray(parents, np.int64))[dominant]
 
 
+def arm_vertices(bone_parents: np.ndarray, bone_heads: np.ndarray, keypoints: np.ndarray,
+                 skin_idx: np.ndarray, skin_w: np.ndarray) -> np.ndarray:
+    """Which vertices are arms (upper arm to fingertips), for any rig: the arms start at the
+    bones whose heads are nearest the COCO shoulder keypoints, and take all their descendants.
+    (J,) parents, (J,3) posed bone heads, (17,3) keypoints, (V,K) skin -> (V,) bool."""
+    parents = np.asarray(bone_parents, np.int64)
+    heads = np.asarray(bone_heads, np.float64)
+    roots = {int(np.argmin(np.linalg.norm(heads - np.asarray(keypoints)[k], axis=1))) for k in (5, 6)}
+    arm = np.zeros(len(parents), bool)
+    for j in range(len(parents)):  # parents come before children in the body models' order
+        arm[j] = j in roots or (parents[j] >= 0 and arm[parents[j]])
+    dominant = np.asarray(skin_idx)[np.arange(len(skin_idx)), np.asarray(skin_w).argmax(1)]
+    return arm[dominant]
+
+
 def skin_top_k(indices: torch.Tensor, weights: torch.Tensor, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k largest influences per vertex and renormalise. (V, N) -> (V, k)."""
     w, order = weights.sort(dim=-1, descending=True)
