@@ -170,7 +170,7 @@ def test_a_sleeve_pressed_against_a_jacket_is_measured_per_body_part():
     np.testing.assert_array_equal(parts[75:110], whole[75:110])  # the skirt rows: no arm, no change
 
 
-def test_arm_vertices_are_the_arms_and_hands_of_the_body(anny_body):
+def test_arm_vertices_are_the_forearms_and_hands_of_the_body(anny_body):
     from zeroavatar_blender.engine.body.base import arm_vertices
 
     with torch.no_grad():
@@ -181,4 +181,7 @@ def test_arm_vertices_are_the_arms_and_hands_of_the_body(anny_body):
     wrists = out.keypoints[0, 9:11].numpy()
     near_wrist = np.linalg.norm(v[:, None] - wrists[None], axis=-1).min(1) < 0.05
     head = v[:, 2] > out.keypoints[0, 0, 2].item()  # above the nose
-    assert 0.1 < arms.mean() < 0.45 and arms[near_wrist].mean() > 0.95 and not arms[head].any()
+    shoulders = out.keypoints[0, 5:7].numpy()
+    near_shoulder = np.linalg.norm(v[:, None] - shoulders[None], axis=-1).min(1) < 0.05
+    assert 0.05 < arms.mean() < 0.35 and arms[near_wrist].mean() > 0.95
+    assert not arms[head].any() and not arms[near_shoulder].any()

@@ -88,13 +88,14 @@ def dominant_chains(skin_idx: np.ndarray, skin_w: np.ndarray, parents: np.ndarra
 
 
 def arm_vertices(bone_parents: np.ndarray, bone_heads: np.ndarray, keypoints: np.ndarray,
-                 skin_idx: np.ndarray, skin_w: np.ndarray) -> np.ndarray:
-    """Which vertices are arms (upper arm to fingertips), for any rig: the arms start at the
-    bones whose heads are nearest the COCO shoulder keypoints, and take all their descendants.
-    (J,) parents, (J,3) posed bone heads, (17,3) keypoints, (V,K) skin -> (V,) bool."""
+                 skin_idx: np.ndarray, skin_w: np.ndarray, start: tuple[int, int] = (7, 8)) -> np.ndarray:
+    """Which vertices belong to the arms from the COCO keypoints ``start`` on (default the
+    elbows: forearms and hands), for any rig: the bones whose heads are nearest those keypoints,
+    and all their descendants. (J,) parents, (J,3) posed bone heads, (17,3) keypoints, (V,K)
+    skin -> (V,) bool."""
     parents = np.asarray(bone_parents, np.int64)
     heads = np.asarray(bone_heads, np.float64)
-    roots = {int(np.argmin(np.linalg.norm(heads - np.asarray(keypoints)[k], axis=1))) for k in (5, 6)}
+    roots = {int(np.argmin(np.linalg.norm(heads - np.asarray(keypoints)[k], axis=1))) for k in start}
     arm = np.zeros(len(parents), bool)
     for j in range(len(parents)):  # parents come before children in the body models' order
         arm[j] = j in roots or (parents[j] >= 0 and arm[parents[j]])
