@@ -89,8 +89,9 @@ class OptimiseConfig:
     # metres the photo's person mask is grown by before the space outside it is kept empty
     # (priors.SilhouetteCone; 0: off): floaters there cost samples every step and cannot be right
     carve_margin: float = 0.04
-    # the garment prior measures the photo's silhouette per body part, cut where an arm meets the
-    # torso (priors.silhouette_excess arm_mask): a sleeve against a jacket is not a thick chest
+    # the garment prior measures the photo's silhouette per body part, cut where a forearm or hand
+    # meets the torso (priors.silhouette_excess arm_mask): a sleeve against a jacket is not a thick
+    # chest (from the elbows only: the shoulders' joined runs give long hair its volume)
     arm_cut: bool = True
     # streaming and checkpoints
     mesh_every: int = 50
