@@ -96,9 +96,10 @@ def silhouette_excess(person_mask: np.ndarray, body_mask: np.ndarray, metres_per
     capped by that run's extra width, so two body runs joined across a gap the fit leaves (the
     armpits) are not a garment. Zero outside the person mask, and where the person is within
     ``dead_zone`` of the body (fit error, painted-on clothes).
-    ``arm_mask``: the body's pixels that are arms. Runs are then measured per body part: a run is
-    cut where its nearest body pixel turns from arm to torso or back, so a sleeve pressed against
-    a jacket's side does not inflate the chest as one wide round section (the chest plate).
+    ``arm_mask``: the body's pixels of an arm part (the optimiser passes forearms and hands,
+    ``body.base.arm_vertices``). Runs are then measured per body part: a run is cut where its
+    nearest body pixel enters or leaves that part, so a sleeve pressed against a jacket's side
+    does not inflate the chest as one wide round section (the chest plate).
     person_mask, body_mask (H,W) bool; ``metres_per_pixel`` at the subject's depth. -> (H,W) float32.
     """
     person = np.asarray(person_mask, bool)
