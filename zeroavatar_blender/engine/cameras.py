@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .transfer import to_device
+
 # World (Z up, subject faces -Y) -> camera looking along +Y at the subject's front.
 FRONT_VIEW_R = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 
@@ -67,8 +69,6 @@ class Camera:
 
     def torch(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(K, world_to_cam) as tensors (uploaded without a host wait: transfer.py)."""
-        from .transfer import to_device
-
         return (to_device(torch.as_tensor(self.K, dtype=dtype), device),
                 to_device(torch.as_tensor(self.world_to_cam, dtype=dtype), device))
 

@@ -143,16 +143,17 @@ class OptimiseConfig:
         d = dataclasses.asdict(self)
         for key in ("steps", "mesh_every", "checkpoint_every"):
             d.pop(key)
-        for key, default in LATER_SETTINGS.items():  # at their defaults, older checkpoints still resume
-            if d.get(key) == default:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key in LATER_SETTINGS:  # at their defaults, older checkpoints still resume
+            if d.get(key) == defaults[key]:
                 d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# settings added after checkpoints were first written (session 6), with their defaults
-LATER_SETTINGS = {"tf32": False, "grid_blend": "matmul", "channels_last": False, "carve_margin": 0.04,
-                  "cuda_graphs": False, "sds_min_step": 0.02, "sds_max_step": ((0, 0.98), (0.5, 0.5)),
-                  "sds_grad_clip": ((0, 0.5), (1.0, 2.0)), "arm_cut": True}
+# settings added after checkpoints were first written (session 6); left out of the fingerprint
+# while at their OptimiseConfig defaults
+LATER_SETTINGS = ("tf32", "grid_blend", "channels_last", "carve_margin", "cuda_graphs", "sds_min_step",
+                  "sds_max_step", "sds_grad_clip", "arm_cut")
 
 
 # -- checkpoints ----------------------------------------------------------------------------

@@ -80,11 +80,15 @@ def bone_chains(parents: np.ndarray) -> np.ndarray:
     return chain
 
 
+def dominant_bones(skin_idx: np.ndarray, skin_w: np.ndarray) -> np.ndarray:
+    """Each vertex's most weighted bone. (V,K) indices, (V,K) weights -> (V,) bone ids."""
+    return np.asarray(skin_idx)[np.arange(len(skin_idx)), np.asarray(skin_w).argmax(1)]
+
+
 def dominant_chains(skin_idx: np.ndarray, skin_w: np.ndarray, parents: np.ndarray) -> np.ndarray:
     """The bone chain (``bone_chains``) of each vertex's most weighted bone: the body part it
     belongs to. (V,K) indices, (V,K) weights, (J,) parents -> (V,) chain ids."""
-    dominant = np.asarray(skin_idx)[np.arange(len(skin_idx)), np.asarray(skin_w).argmax(1)]
-    return bone_chains(np.asarray(parents, np.int64))[dominant]
+    return bone_chains(np.asarray(parents, np.int64))[dominant_bones(skin_idx, skin_w)]
 
 
 def arm_vertices(bone_parents: np.ndarray, bone_heads: np.ndarray, keypoints: np.ndarray,
@@ -99,8 +103,7 @@ def arm_vertices(bone_parents: np.ndarray, bone_heads: np.ndarray, keypoints: np
     arm = np.zeros(len(parents), bool)
     for j in range(len(parents)):  # parents come before children in the body models' order
         arm[j] = j in roots or (parents[j] >= 0 and arm[parents[j]])
-    dominant = np.asarray(skin_idx)[np.arange(len(skin_idx)), np.asarray(skin_w).argmax(1)]
-    return arm[dominant]
+    return arm[dominant_bones(skin_idx, skin_w)]
 
 
 def skin_top_k(indices: torch.Tensor, weights: torch.Tensor, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
