@@ -3,7 +3,8 @@
 Builds the optimiser exactly as a run does (``build_problem``, ``Optimiser``, body distillation)
 on a copy of a fitted job, runs ``--warmup`` steps, then times ``--steps`` steps (rounded up to
 whole occupancy-grid refresh periods, 16 steps) twice: once with
-a per-part wall-clock breakdown (reference-view render, novel-view render, UV-prior raster, SDS,
+a per-part wall-clock breakdown (reference-view render, novel-view render, the novel views' body
+render (made in the step on a CPU, waited for on a GPU, novel_views.py), SDS,
 body prior; the device is synchronised around each part, so the parts add up), once under
 ``torch.profiler`` for the top operators. For `full`, pass the weights as for the engine
 (``--sd-weights``/``--controlnet-weights``; ``bench_full_gpu.save_random_sd15`` makes full-size
@@ -25,6 +26,9 @@ from pathlib import Path
 import torch
 
 
+REST = "rest (losses, backward, Adam, read-backs)"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -42,21 +46,58 @@ def _timed(name: str, fn, totals: dict[str, float], device: torch.device):
     return wrapper
 
 
+# ATen ops that make the host wait for the device on CUDA: a result size known only on the device
+# (nonzero: boolean indexing, masked_select, repeat_interleave without output_size) or a value
+# read back (.item(), int(), bool(), float() of a tensor). A CPU profile sees them too, so their
+# count per part is measurable without a GPU; .tolist() and .cpu() read-backs are not ATen ops on
+# the CPU and are missing from it (on CUDA, sync_debug_mode counts everything).
+SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::unique", "aten::_unique2")
+
+
+def _part_of(event, parts: set[str], default: str) -> tuple[str, bool]:
+    """(the step part an event ran in, whether it was called from another ATen op)."""
+    part, parent, nested = default, event.cpu_parent, False
+    while parent is not None:
+        nested |= parent.name.startswith("aten::")
+        if parent.name in parts:
+            part = parent.name
+        parent = parent.cpu_parent
+    return part, nested
+
+
+def syncs_by_part(events, parts: set[str]) -> dict[str, int]:
+    """Host-device synchronisation points (``SYNC_OPS`` at any depth) by step part."""
+    counts: dict[str, int] = defaultdict(int)
+    for e in events:
+        if e.name in SYNC_OPS:
+            counts[_part_of(e, parts, REST)[0]] += 1
+    return dict(counts)
+
+
 def launches_by_part(events, parts: set[str]) -> dict[str, int]:
     """Top-level ATen ops (not called from another ATen op) by the step part they ran in."""
     counts: dict[str, int] = defaultdict(int)
     for e in events:
         if not e.name.startswith("aten::"):
             continue
-        part, parent, nested = "rest (losses, backward, Adam, read-backs)", e.cpu_parent, False
-        while parent is not None:
-            nested |= parent.name.startswith("aten::")
-            if parent.name in parts:
-                part = parent.name
-            parent = parent.cpu_parent
+        part, nested = _part_of(e, parts, REST)
         if not nested:
             counts[part] += 1
     return dict(counts)
+
+
+def count_cuda_syncs(fn) -> int:
+    """Synchronising CUDA calls made by ``fn()``, as torch's sync debug mode reports them."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         return _timed(name, plain_render, totals, dev)(field, rays, **k)
 
     opt.renderer.render = render
-    opt_mod.render_body_prior = _timed("uv_prior_raster", opt_mod.render_body_prior, totals, dev)
+    # the body render at the novel views: made there and then on a CPU run, waited for on a GPU run
+    opt.views.get = _timed("novel_views", opt.views.get, totals, dev)
     from zeroavatar_blender.engine.field import body_prior as body_prior_mod  # train_step imports it per call
 
     body_prior_mod.prior_loss = _timed("body_prior", body_prior_mod.prior_loss, totals, dev)
@@ -140,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     _sync(dev)
     step_s = (time.perf_counter() - t) / steps
     parts = {k: v / steps for k, v in totals.items()}
-    parts["rest (losses, backward, Adam, read-backs)"] = step_s - sum(parts.values())
+    parts[REST] = step_s - sum(parts.values())
     print(f"{args.quality} on {device} ({variant}), {steps} steps up to step {opt.step} of {config.steps}: "
           f"{1000 * step_s:.1f} ms per step "
           f"({1 / step_s:.2f} steps/s); distillation {init_s:.1f} s")
@@ -163,6 +205,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(ops.values()) / profiled:.0f}")
     for k, v in sorted(ops.items(), key=lambda kv: -kv[1]):
         print(f"  {k:45s} {v / profiled:8.0f}")
+    syncs = syncs_by_part(prof.events(), set(totals))
+    print(f"host-device sync points per step (nonzero / item-like ATen ops): {sum(syncs.values()) / profiled:.0f}")
+    for k, v in sorted(syncs.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:45s} {v / profiled:8.0f}")
+    cuda_syncs = None
+    if dev.type == "cuda":  # the device's own count, read-backs included
+        cuda_syncs = count_cuda_syncs(opt.train_step)
+        print(f"CUDA synchronisations in one step (torch.cuda sync debug mode): {cuda_syncs}")
     busy = None
     if dev.type == "cuda":  # kernel time per step against the unprofiled step: the rest the GPU waits on Python
         kernel_s = sum(e.self_device_time_total for e in averages if e.key not in totals) / 1e6 / profiled
@@ -172,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"quality": args.quality, "device": device, "step_ms": 1000 * step_s,
                                          "parts_ms": {k: 1000 * v for k, v in parts.items()},
                                          "distill_s": init_s, "gpu_busy_share": busy, "variant": variant,
-                                         "aten_ops_per_step": {k: v / profiled for k, v in ops.items()}, "config": dataclasses.asdict(config)},
+                                         "aten_ops_per_step": {k: v / profiled for k, v in ops.items()},
+                                         "syncs_per_step": {k: v / profiled for k, v in syncs.items()},
+                                         "cuda_syncs_per_step": cuda_syncs, "config": dataclasses.asdict(config)},
                                         indent=1, default=str))
+    opt.close()
     return 0
 
 

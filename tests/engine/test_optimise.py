@@ -413,3 +413,57 @@ def test_full_run_loads_the_models_alongside_the_body_distillation(fitted_job, t
     with pytest.raises(BadInputError, match="could not load the UNet"):
         full_run(broken, "broken")
     full_run(sd_dir, "rng")
+
+
+def _host_waits(fn) -> int:
+    """ATen calls that make the host wait for a GPU (a data-dependent size or a read value)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if any(k in name for k in ("nonzero", "_local_scalar_dense", "masked_select", "unique")):
+                calls.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        fn()
+    return len(calls)
+
+
+def test_step_losses_over_masks_equal_the_indexed_losses_without_waiting_for_the_device():
+    """The reference depth correlation and the UV prior weigh their pixels instead of picking
+    them out: the same values and gradients, and no host wait on a GPU."""
+    import torch.nn.functional as F
+
+    from zeroavatar_blender.engine.optimise import masked_mse, pearson_depth_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(500, generator=g, requires_grad=True)
+    target = torch.rand(500, generator=g) + 0.5 * pred.detach()
+    target[:40] = float("inf")  # off the body
+    valid = torch.isfinite(target) & (torch.rand(500, generator=g) > 0.3)
+    assert _host_waits(lambda: pearson_depth_loss(pred, target, valid)) == 0
+    masked = pearson_depth_loss(pred, target, valid)
+    (g1,) = torch.autograd.grad(masked, pred)
+    p, t = pred[valid], target[valid]
+    pc, tc = p - p.mean(), t - t.mean()
+    indexed = 1 - (pc * tc).sum() / (pc.norm() * tc.norm())
+    (g2,) = torch.autograd.grad(indexed, pred)
+    assert torch.allclose(masked, indexed, atol=1e-6) and torch.allclose(g1, g2, atol=1e-6)
+    few = torch.zeros(500, dtype=torch.bool)
+    few[:7] = True
+    nothing = pearson_depth_loss(pred, torch.rand(500), few)
+    assert float(nothing.detach()) == 0.0 and nothing.requires_grad  # too few samples: no term, still a graph
+
+    rgb = torch.rand(16, 16, 3, generator=g, requires_grad=True)
+    prior = torch.rand(16, 16, 3, generator=g)
+    known = torch.rand(16, 16, generator=g) > 0.6
+    assert _host_waits(lambda: masked_mse(rgb, prior, known)) == 0
+    loss, count = masked_mse(rgb, prior, known)
+    assert int(count) == int(known.sum())
+    assert torch.allclose(loss, F.mse_loss(rgb[known], prior[known]), atol=1e-7)
+    none, count = masked_mse(rgb, prior, torch.zeros(16, 16, dtype=torch.bool))
+    assert float(none.detach()) == 0.0 and int(count) == 0

@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import protocol
-from .cameras import Camera, orbit_camera
+from .cameras import Camera
 from .errors import BadInputError, CancelledError, EngineError, NeedsChoiceError
 from .guidance.schedules import Schedule, value_at
 from .job import Job, atomic_save
+from .novel_views import NovelViews, novel_resolution
 from .transfer import to_device
 
 CHECKPOINT_KEEP = 3
@@ -339,14 +340,27 @@ def radius_guess(fit, posed: torch.Tensor) -> float:
 
 
 # -- losses (pure functions) -------------------------------------------------------------------
-def pearson_depth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - Pearson correlation of two depth samples (scale- and shift-free, as monocular depth is)."""
-    if pred.numel() < 8:
-        return pred.sum() * 0
-    p = pred - pred.mean()
-    t = target - target.mean()
+def pearson_depth_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - Pearson correlation of two depth samples (scale- and shift-free, as monocular depth is),
+    over the ``valid`` ones (all by default); 0 with fewer than 8. Masked by weights, not by
+    indexing: on a GPU, picking the valid samples out would make the host wait for the device."""
+    w = torch.ones_like(pred, dtype=torch.bool) if valid is None else valid
+    n = w.sum()
+    wf = w.to(pred.dtype)
+    pred = torch.where(w, pred, torch.zeros_like(pred))
+    target = torch.where(w, target, torch.zeros_like(target))
+    p = (pred - pred.sum() / n.clamp_min(1)) * wf
+    t = (target - target.sum() / n.clamp_min(1)) * wf
     corr = (p * t).sum() / (p.norm() * t.norm()).clamp_min(1e-8)
-    return 1 - corr
+    return torch.where(n >= 8, 1 - corr, pred.sum() * 0)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squared error over the ``mask``ed pixels (0 where there are none) and their count.
+    (...,C), (...,C), (...) bool -> (scalar, scalar). No host wait on a GPU, as above."""
+    count = mask.sum()
+    sq = (pred - target) ** 2 * mask[..., None].to(pred.dtype)
+    return sq.sum() / (count * pred.shape[-1]).clamp_min(1), count
 
 
 def person_pixels(mask: torch.Tensor) -> torch.Tensor:
@@ -370,33 +384,6 @@ def sample_reference_pixels(mask: torch.Tensor, n: int, generator: torch.Generat
         else inside[:0]
     pick_any = to_device(torch.randint(H * W, (n - n_in,), generator=generator), inside.device)
     return torch.cat([pick_in, pick_any])
-
-
-def sample_novel_camera(problem: Problem, step: int, generator: torch.Generator, resolution: int) -> tuple[Camera, float, float]:
-    c = problem.config
-    u = torch.rand(3, generator=generator).tolist()
-    if u[0] < c.at(c.front_bias, step):
-        azimuth = (u[1] - 0.5) * 90.0
-    else:
-        azimuth = u[1] * 360.0 - 180.0
-    elevation = c.elevation_range[0] + u[2] * (c.elevation_range[1] - c.elevation_range[0])
-    f = problem.focal_ratio * resolution
-    K = np.array([[f, 0, (resolution - 1) / 2], [0, f, (resolution - 1) / 2], [0, 0, 1]])
-    cam = orbit_camera(problem.target, problem.radius, azimuth, elevation, K, resolution, resolution)
-    return cam, azimuth, elevation
-
-
-def render_body_prior(problem: Problem, cam: Camera) -> dict[str, torch.Tensor]:
-    """The UV-textured body at a view: rgb, known-texel mask, body mask and depth."""
-    from .render.raster import interpolate, rasterize, sample_texture
-
-    K, w2c = cam.torch(torch.float32, problem.device)
-    v_cam = problem.body_vertices @ w2c[:3, :3].T + w2c[:3, 3]
-    raster = rasterize(v_cam, problem.body_faces, K, cam.width, cam.height)
-    uv = interpolate(raster, problem.corner_uv)
-    tex = sample_texture(problem.uv_texture, uv)
-    body_mask = raster.mask
-    return {"rgb": tex[..., :3], "known": (tex[..., 3] > 0.5) & body_mask, "mask": body_mask, "depth": raster.depth}
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -450,6 +437,11 @@ class Optimiser:
         self.oom_downscale = 1.0
         self.samples_per_ray = 0.0
         self.occupied_share = 1.0  # of the box's cells, in the renderer's grid
+        self.views = NovelViews(problem, lambda step: novel_resolution(c, step, self.oom_downscale))
+
+    def close(self) -> None:
+        """Stops the thread that makes the next step's views (a GPU run's)."""
+        self.views.close()
 
     # state ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -539,26 +531,30 @@ class Optimiser:
         if p.excess_t is not None:  # where a garment covers the body, the body's depth is not the surface's
             valid &= p.excess_t.reshape(-1)[idx] <= 0
         ray_z = (rays_all.directions[idx] @ w2c[2, :3])  # depth along the optical axis per unit ray length
-        losses["depth_corr"] = pearson_depth_loss((out.depth[:, 0] * ray_z)[valid], bd[valid])
+        losses["depth_corr"] = pearson_depth_loss(out.depth[:, 0] * ray_z, bd, valid)
 
         # novel views: the UV-guided texture prior, and SDS in full quality
-        res = max(16, int(c.at(c.novel_resolution, step) * math.sqrt(self.oom_downscale)))
-        uv_terms, sds_terms = [], []
-        for _ in range(c.novel_views):
-            ncam, azimuth, elevation = sample_novel_camera(p, step, gen, res)
+        res = novel_resolution(c, step, self.oom_downscale)
+        uv_terms, uv_counts, sds_terms = [], [], []
+        for view in self.views.get(step, res):
+            ncam, prior = view.camera, view.prior
             nK, nw2c = ncam.torch(torch.float32, dev)
             bg = background_color("random", res * res, device=dev, generator=gen)
             nout = self.renderer.render(self.field, RayBundle.from_camera(nK, nw2c, res, res), jitter=True,
                                         background=bg, generator=gen).image(res, res)
             samples, rays = samples + nout.n_samples, rays + res * res
-            prior = render_body_prior(p, ncam)
-            known = prior["known"]
-            if known.any():
-                uv_terms.append(F.mse_loss(nout.rgb[known], prior["rgb"][known]))
+            term, count = masked_mse(nout.rgb, prior["rgb"], prior["known"])
+            uv_terms.append(term)
+            uv_counts.append(count)
             if self.guidance is not None and c.at(c.w_sds, step) > 0:
-                sds_terms.append(self._sds(nout, prior, ncam, azimuth, elevation, step, gen))
+                sds_terms.append(self._sds(nout, prior, ncam, view.azimuth, view.elevation, step, gen))
         zero = torch.zeros((), device=dev)
-        losses["uv_prior"] = torch.stack(uv_terms).mean() if uv_terms else zero
+        # the mean over the views that show known texels (no host wait to find out which)
+        if uv_terms:
+            seen = (torch.stack(uv_counts) > 0).float()
+            losses["uv_prior"] = (torch.stack(uv_terms) * seen).sum() / seen.sum().clamp_min(1)
+        else:
+            losses["uv_prior"] = zero
         if sds_terms:
             losses["sds"] = torch.stack(sds_terms).mean()
         # fading body prior at fresh points in the box
@@ -712,53 +708,56 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
     problem, _, _ = build_problem(job, settings, config)
     problem.extra["finalise_config"] = finalise_config(settings)  # previews are made like the final surface
     opt = Optimiser(job, problem)
-    ckpt = None if not resume else latest_checkpoint(job, on_bad=lambda p, e: job.info(f"Skipping unreadable checkpoint {p.name}: {e}", "warning"))
-    if resume and ckpt is not None:
-        opt.restore(ckpt)
-        job.info(f"Resuming from step {opt.step} ({Path(ckpt['path']).name})")
-    else:
-        clear_run(job)
-        opt.initialise()
-        opt.stream_mesh()
-    if loading is not None:
-        try:
-            opt.guidance, opt.prompts = loading.result(should_stop=lambda: job.cancel_requested)
-        except InterruptedError:
-            opt.checkpoint()  # the distilled field: a resume starts from it
-            raise CancelledError("cancelled while loading the diffusion models",
-                                 "resume the job to continue from this checkpoint") from None
-        job.info(f"Diffusion models loaded in {loading.seconds:.1f} s, alongside the body distillation "
-                 f"({loading.waited:.1f} s waited for them)")
-    started = time.time()
-    first = opt.step
-    while opt.step < config.steps:
-        if job.cancel_requested:
-            opt.checkpoint()
-            raise CancelledError(f"cancelled at step {opt.step} of {config.steps}",
-                                 "resume the job to continue from this checkpoint")
-        try:
-            record = opt.train_step()
-        except torch.cuda.OutOfMemoryError:
-            record = None  # leave the handler first: its traceback holds the step's tensors
-        if record is None:
-            opt.optimizer.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if opt.oom_downscale < 0.1:
-                raise EngineError("the GPU ran out of memory even at a sixteenth of the batch",
-                                  "close other GPU programs or use --device cpu / --quality standard")
-            opt.oom_downscale *= 0.5
-            job.info(f"GPU out of memory: continuing with {opt.oom_downscale:.0%} of the rays and pixels", "warning")
-            continue
-        if not math.isfinite(record["total"]):
-            raise EngineError(f"the optimisation diverged at step {opt.step} (loss {record['total']})",
-                              "resume from the last checkpoint, or try another --seed")
-        job.progress("optimise", opt.step, config.steps, loss=record["total"], stage_started=started, done_before=first,
-                     stats={"samples_per_ray": opt.samples_per_ray, "occupied": opt.occupied_share})
-        if opt.step % config.mesh_every == 0 and opt.step < config.steps:
+    try:
+        ckpt = None if not resume else latest_checkpoint(job, on_bad=lambda p, e: job.info(f"Skipping unreadable checkpoint {p.name}: {e}", "warning"))
+        if resume and ckpt is not None:
+            opt.restore(ckpt)
+            job.info(f"Resuming from step {opt.step} ({Path(ckpt['path']).name})")
+        else:
+            clear_run(job)
+            opt.initialise()
             opt.stream_mesh()
-        if opt.step % config.checkpoint_every == 0 or opt.step == config.steps:
+        if loading is not None:
+            try:
+                opt.guidance, opt.prompts = loading.result(should_stop=lambda: job.cancel_requested)
+            except InterruptedError:
+                opt.checkpoint()  # the distilled field: a resume starts from it
+                raise CancelledError("cancelled while loading the diffusion models",
+                                     "resume the job to continue from this checkpoint") from None
+            job.info(f"Diffusion models loaded in {loading.seconds:.1f} s, alongside the body distillation "
+                     f"({loading.waited:.1f} s waited for them)")
+        started = time.time()
+        first = opt.step
+        while opt.step < config.steps:
+            if job.cancel_requested:
+                opt.checkpoint()
+                raise CancelledError(f"cancelled at step {opt.step} of {config.steps}",
+                                     "resume the job to continue from this checkpoint")
+            try:
+                record = opt.train_step()
+            except torch.cuda.OutOfMemoryError:
+                record = None  # leave the handler first: its traceback holds the step's tensors
+            if record is None:
+                opt.optimizer.zero_grad(set_to_none=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if opt.oom_downscale < 0.1:
+                    raise EngineError("the GPU ran out of memory even at a sixteenth of the batch",
+                                      "close other GPU programs or use --device cpu / --quality standard")
+                opt.oom_downscale *= 0.5
+                job.info(f"GPU out of memory: continuing with {opt.oom_downscale:.0%} of the rays and pixels", "warning")
+                continue
+            if not math.isfinite(record["total"]):
+                raise EngineError(f"the optimisation diverged at step {opt.step} (loss {record['total']})",
+                                  "resume from the last checkpoint, or try another --seed")
+            job.progress("optimise", opt.step, config.steps, loss=record["total"], stage_started=started, done_before=first,
+                         stats={"samples_per_ray": opt.samples_per_ray, "occupied": opt.occupied_share})
+            if opt.step % config.mesh_every == 0 and opt.step < config.steps:
+                opt.stream_mesh()
+            if opt.step % config.checkpoint_every == 0 or opt.step == config.steps:
+                opt.checkpoint()
+        if not checkpoint_paths(job) or int(load_checkpoint(checkpoint_paths(job)[-1])["step"]) != opt.step:
             opt.checkpoint()
-    if not checkpoint_paths(job) or int(load_checkpoint(checkpoint_paths(job)[-1])["step"]) != opt.step:
-        opt.checkpoint()
-    opt.stream_mesh()
+        opt.stream_mesh()
+    finally:
+        opt.close()
