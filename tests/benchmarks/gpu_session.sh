@@ -30,14 +30,14 @@ PROFILE="python3 -m tests.benchmarks.profile_step --job .gpu/job --quality full 
 if [ "${AUTO:-0}" = 1 ]; then
   # the CUDA graph of the diffusion pass: its correctness test first, then a profile of the
   # default step and of the graphed one; the full run below takes the graph when it is >5 % faster
-  t "auto: GPU tests of the graphed pass and the uploads"
+  t "auto: GPU tests of the graphed pass, the uploads and the views made ahead"
   if timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/guidance/test_sds.py \
-       tests/engine/test_transfer.py 2>&1 | tail -3 | tee "$OUT/auto_tests.log" | grep -q " passed" \
+       tests/engine/test_transfer.py tests/engine/test_novel_views.py 2>&1 | tail -3 | tee "$OUT/auto_tests.log" | grep -q " passed" \
      && ! grep -q "failed" "$OUT/auto_tests.log"; then
     for v in default cuda_graphs; do
       t "auto: profile $v"
       timeout 150 $PROFILE $( [ $v = default ] || echo --set cuda_graphs=true ) --json "$OUT/auto_$v.json" 2>&1 \
-        | grep -E "steps/s|GPU busy|ATen ops per step"
+        | grep -E "steps/s|GPU busy|ATen ops per step|sync"
     done
     SETS=$(python3 -c "
 import json
@@ -77,6 +77,6 @@ if [ "${SKIP_SDS:-1}" = 0 ]; then
     --json "$OUT/sds.json" 2>&1 | tail -6
   t "GPU tests"
   timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/render/test_volume.py \
-    tests/engine/guidance/test_sds.py tests/engine/test_transfer.py 2>&1 | tail -5
+    tests/engine/guidance/test_sds.py tests/engine/test_transfer.py tests/engine/test_novel_views.py 2>&1 | tail -5
 fi
 t "end"

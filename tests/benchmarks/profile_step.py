@@ -86,6 +86,34 @@ def launches_by_part(events, parts: set[str]) -> dict[str, int]:
     return dict(counts)
 
 
+def host_waits_by_line(fn) -> dict[str, int]:
+    """The calls in ``fn()`` on this thread that wait for the device on a GPU (``SYNC_OPS`` and
+    boolean-mask indexing, which runs nonzero inside), by the engine's innermost code line."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict[str, int] = defaultdict(int)
+
+    def boolean_index(args) -> bool:
+        idx = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+        return any(getattr(a, "dtype", None) == torch.bool for a in idx)
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.name().split(".")[0]
+            if name in SYNC_OPS or name == "aten::masked_select" or (name.startswith("aten::index") and boolean_index(args)):
+                frames = [f for f in traceback.extract_stack() if "zeroavatar_blender" in f.filename]
+                where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "torch"
+                if not any("/torch/optim/" in f.filename for f in traceback.extract_stack()):
+                    counts[f"{name} at {where}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        fn()
+    return dict(counts)
+
+
 def count_cuda_syncs(fn) -> int:
     """Synchronising CUDA calls made by ``fn()``, as torch's sync debug mode reports them."""
     import warnings
@@ -116,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sd-weights", default=None)
     p.add_argument("--controlnet-weights", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="OptimiseConfig override")
+    p.add_argument("--views-ahead", action="store_true",
+                   help="make the novel views on a thread a step ahead, as a GPU run does (the default on CUDA)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -142,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     variant = {k: getattr(config, k) for k in opt_mod.LATER_SETTINGS}
     problem, _, _ = opt_mod.build_problem(job, settings, config)
     opt = opt_mod.Optimiser(job, problem, guidance, prompts)
+    if args.views_ahead and not opt.views.ahead:
+        from zeroavatar_blender.engine.novel_views import NovelViews
+
+        opt.views.close()
+        opt.views = NovelViews(problem, opt.views.resolution, ahead=True)
     dev = torch.device(device)
     t = time.perf_counter()
     opt.initialise()
@@ -209,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host-device sync points per step (nonzero / item-like ATen ops): {sum(syncs.values()) / profiled:.0f}")
     for k, v in sorted(syncs.items(), key=lambda kv: -kv[1]):
         print(f"  {k:45s} {v / profiled:8.0f}")
+    waits = host_waits_by_line(opt.train_step)
+    print(f"host waits in one step on the main thread, by code line (Adam's CPU step counters left out): "
+          f"{sum(waits.values())}")
+    for k, v in sorted(waits.items(), key=lambda kv: -kv[1]):
+        print(f"  {v:3d}  {k}")
     cuda_syncs = None
     if dev.type == "cuda":  # the device's own count, read-backs included
         cuda_syncs = count_cuda_syncs(opt.train_step)
@@ -224,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "distill_s": init_s, "gpu_busy_share": busy, "variant": variant,
                                          "aten_ops_per_step": {k: v / profiled for k, v in ops.items()},
                                          "syncs_per_step": {k: v / profiled for k, v in syncs.items()},
-                                         "cuda_syncs_per_step": cuda_syncs, "config": dataclasses.asdict(config)},
+                                         "cuda_syncs_per_step": cuda_syncs, "host_waits_by_line": waits, "config": dataclasses.asdict(config)},
                                         indent=1, default=str))
     opt.close()
     return 0

@@ -55,12 +55,14 @@ def view_indices(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor | None =
     """(B,) degrees -> (B,) long indices into ``VIEWS``."""
     az = torch.as_tensor(azimuth_deg, dtype=torch.float64).reshape(-1)
     wrapped = torch.remainder(az + 180.0, 360.0) - 180.0  # (-180, 180], 0 = front
+    # selected with where, not masked assignment: no data-dependent sizes (free of host waits
+    # should the angles ever live on a GPU)
     idx = torch.full(az.shape, VIEWS.index("side"), dtype=torch.long)
-    idx[wrapped.abs() <= thresholds.front] = VIEWS.index("front")
-    idx[wrapped.abs() >= 180.0 - thresholds.back] = VIEWS.index("back")
+    idx = torch.where(wrapped.abs() <= thresholds.front, VIEWS.index("front"), idx)
+    idx = torch.where(wrapped.abs() >= 180.0 - thresholds.back, VIEWS.index("back"), idx)
     if elevation_deg is not None and thresholds.overhead is not None:
         el = torch.as_tensor(elevation_deg, dtype=torch.float64).reshape(-1).expand_as(az)
-        idx[el > thresholds.overhead] = VIEWS.index("overhead")
+        idx = torch.where(el > thresholds.overhead, VIEWS.index("overhead"), idx)
     return idx
 
 
