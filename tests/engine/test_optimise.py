@@ -467,3 +467,29 @@ def test_step_losses_over_masks_equal_the_indexed_losses_without_waiting_for_the
     assert torch.allclose(loss, F.mse_loss(rgb[known], prior[known]), atol=1e-7)
     none, count = masked_mse(rgb, prior, torch.zeros(16, 16, dtype=torch.bool))
     assert float(none.detach()) == 0.0 and int(count) == 0
+
+
+def test_the_garment_proxy_reaches_garment_depth_times_the_excess(fitted_job, tmp_path):
+    """The body prior grows by ``garment_depth`` times the silhouette excess (which drops a 2 cm
+    dead zone from every thickness), and the field's box grows with it so the proxy is whole."""
+    import dataclasses
+
+    from zeroavatar_blender.engine.optimise import OptimiseConfig, Optimiser, build_problem
+
+    job = Job(copy_job(fitted_job, tmp_path / "job")).open()
+    try:
+        built = {}
+        for depth in (1.0, 1.3):
+            config = dataclasses.replace(OptimiseConfig.for_quality("standard", "cpu", 2), **TINY, garment_depth=depth)
+            problem, _, _ = build_problem(job, settings_for(job, 2), config)
+            excess = np.zeros(problem.ref_mask.shape, np.float32)
+            excess[problem.ref_mask.numpy() > 0.5] = 0.1  # a 10 cm garment over the whole person
+            problem.silhouette_excess = excess
+            built[depth] = Optimiser(job, problem)
+    finally:
+        job.close()
+    plain, deep = built[1.0], built[1.3]
+    assert plain.prior_is_proxy and deep.prior_is_proxy
+    assert torch.allclose(deep.aabb[1] - plain.aabb[1], torch.full((3,), 0.03), atol=1e-5)
+    centre = ((plain.aabb[0] + plain.aabb[1]) / 2)[None]  # inside the body, where the camera sees the mask
+    assert float(plain.prior.sdf(centre)) - float(deep.prior.sdf(centre)) == pytest.approx(0.03, abs=0.01)
