@@ -37,7 +37,7 @@ if [ "${AUTO:-0}" = 1 ]; then
     for v in default cuda_graphs; do
       t "auto: profile $v"
       timeout 150 $PROFILE $( [ $v = default ] || echo --set cuda_graphs=true ) --json "$OUT/auto_$v.json" 2>&1 \
-        | grep -E "steps/s|GPU busy|ATen ops per step|sync"
+        | grep -E "steps/s|GPU busy|ATen ops per step|host waits|sync"
     done
     SETS=$(python3 -c "
 import json

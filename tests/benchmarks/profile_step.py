@@ -48,9 +48,9 @@ def _timed(name: str, fn, totals: dict[str, float], device: torch.device):
 
 # ATen ops that make the host wait for the device on CUDA: a result size known only on the device
 # (nonzero: boolean indexing, masked_select, repeat_interleave without output_size) or a value
-# read back (.item(), int(), bool(), float() of a tensor). A CPU profile sees them too, so their
-# count per part is measurable without a GPU; .tolist() and .cpu() read-backs are not ATen ops on
-# the CPU and are missing from it (on CUDA, sync_debug_mode counts everything).
+# read back (.item(), int(), bool(), float() of a tensor). They dispatch on the CPU too, so
+# ``host_waits_by_line`` counts them without a GPU; .tolist() and .cpu() read-backs do not
+# dispatch on the CPU and are missing there (on CUDA, ``count_cuda_syncs`` counts everything).
 SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::unique", "aten::_unique2")
 
 
@@ -63,15 +63,6 @@ def _part_of(event, parts: set[str], default: str) -> tuple[str, bool]:
             part = parent.name
         parent = parent.cpu_parent
     return part, nested
-
-
-def syncs_by_part(events, parts: set[str]) -> dict[str, int]:
-    """Host-device synchronisation points (``SYNC_OPS`` at any depth) by step part."""
-    counts: dict[str, int] = defaultdict(int)
-    for e in events:
-        if e.name in SYNC_OPS:
-            counts[_part_of(e, parts, REST)[0]] += 1
-    return dict(counts)
 
 
 def launches_by_part(events, parts: set[str]) -> dict[str, int]:
@@ -103,9 +94,10 @@ def host_waits_by_line(fn) -> dict[str, int]:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.name().split(".")[0]
             if name in SYNC_OPS or name == "aten::masked_select" or (name.startswith("aten::index") and boolean_index(args)):
-                frames = [f for f in traceback.extract_stack() if "zeroavatar_blender" in f.filename]
-                where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "torch"
-                if not any("/torch/optim/" in f.filename for f in traceback.extract_stack()):
+                stack = traceback.extract_stack()
+                if not any("/torch/optim/" in f.filename for f in stack):
+                    frames = [f for f in stack if "zeroavatar_blender" in f.filename]
+                    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "torch"
                     counts[f"{name} at {where}"] += 1
             return func(*args, **(kwargs or {}))
 
@@ -240,10 +232,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(ops.values()) / profiled:.0f}")
     for k, v in sorted(ops.items(), key=lambda kv: -kv[1]):
         print(f"  {k:45s} {v / profiled:8.0f}")
-    syncs = syncs_by_part(prof.events(), set(totals))
-    print(f"host-device sync points per step (nonzero / item-like ATen ops): {sum(syncs.values()) / profiled:.0f}")
-    for k, v in sorted(syncs.items(), key=lambda kv: -kv[1]):
-        print(f"  {k:45s} {v / profiled:8.0f}")
     waits = host_waits_by_line(opt.train_step)
     print(f"host waits in one step on the main thread, by code line (Adam's CPU step counters left out): "
           f"{sum(waits.values())}")
@@ -263,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
                                          "parts_ms": {k: 1000 * v for k, v in parts.items()},
                                          "distill_s": init_s, "gpu_busy_share": busy, "variant": variant,
                                          "aten_ops_per_step": {k: v / profiled for k, v in ops.items()},
-                                         "syncs_per_step": {k: v / profiled for k, v in syncs.items()},
                                          "cuda_syncs_per_step": cuda_syncs, "host_waits_by_line": waits, "config": dataclasses.asdict(config)},
                                         indent=1, default=str))
     opt.close()
