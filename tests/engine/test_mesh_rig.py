@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import trimesh
 
-from zeroavatar_blender.engine.mesh_rig import unwrap_groups, unwrap_uv
+from zeroavatar_blender.engine.mesh_rig import head_part, unwrap_groups, unwrap_uv
 from zeroavatar_blender.engine.texture import texel_surface_map
 
 
@@ -56,3 +56,38 @@ def test_grouped_unwrap_keeps_faces_and_packs_parts_apart():
 def _coverage(faces: np.ndarray, uv: np.ndarray, size: int) -> np.ndarray:
     face_id, _ = texel_surface_map(faces, uv[faces], size)
     return face_id >= 0
+
+
+def _uv_area(faces: np.ndarray, uv: np.ndarray) -> float:
+    t = uv[faces]
+    e1, e2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
+    return float(0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]).sum())
+
+
+def test_a_scaled_group_gets_that_many_more_texels_and_charts_keep_their_padding():
+    mesh = trimesh.creation.capsule(height=1.0, radius=0.25, count=[24, 24])
+    v, f = np.asarray(mesh.vertices), np.asarray(mesh.faces, np.int64)
+    groups = (v[f].mean(1)[:, 2] > 0).astype(np.int64)  # two halves of equal surface
+    size = 256
+    _, plain_faces, plain_uv = unwrap_uv(v, f, groups, size=size)
+    _, new_faces, uv = unwrap_uv(v, f, groups, {1: 2.0}, size=size)
+    plain = _uv_area(plain_faces[groups == 1], plain_uv) / _uv_area(plain_faces[groups == 0], plain_uv)
+    scaled = _uv_area(new_faces[groups == 1], uv) / _uv_area(new_faces[groups == 0], uv)
+    assert 0.8 < plain < 1.25
+    assert 3.0 < scaled / plain < 5.0  # twice the texels per metre: about four times the area
+    # padding (size / 256 = 1 texel here, 4 at 1024): grown by a texel, neither half's
+    # texels touch the other's, so a bake's border texels never take the other half's colours
+    from scipy.ndimage import binary_dilation
+
+    _, faces4, uv4 = unwrap_uv(v, f, groups, size=size, padding=3)
+    a, b = (_coverage(faces4[groups == g], uv4, size) for g in (0, 1))
+    assert a.any() and b.any()
+    assert not (binary_dilation(a, iterations=2) & b).any()
+
+
+def test_head_part_is_the_group_at_the_head_points_unless_it_is_most_of_the_body():
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 2], [1, 0, 2], [0, 1, 2]], np.float64)
+    f = np.array([[0, 1, 2]] * 9 + [[3, 4, 5]])
+    groups = np.array([7] * 9 + [3])
+    assert head_part(f, groups, v, np.array([[0.3, 0.3, 2.1]])) == 3
+    assert head_part(f, groups, v, np.array([[0.3, 0.3, 0.1]])) is None  # 90 % of the faces: not a head

@@ -17,7 +17,7 @@ def flat_priors(photo: np.ndarray, camera: Camera) -> ColourPriors:
     s = 8
     tex = UVTexture(np.full((s, s, 3), 128, np.uint8), np.full((s, s), SMOOTHED, np.uint8), np.zeros((s, s), np.float32))
     v = np.array([[0.0, 5.0, 0.0], [0.01, 5.0, 0.0], [0.0, 5.0, 0.01]])
-    return ColourPriors(photo.astype(np.float32), camera, np.ones(photo.shape[:2], bool), tex, v,
+    return ColourPriors(photo.astype(np.float32), camera, np.ones(photo.shape[:2], bool), np.ones(photo.shape[:2], bool), tex, v,
                         np.array([[0, 1, 2]]), np.zeros((1, 3, 2), np.float32), np.zeros(3, np.int64), np.array([-1]))
 
 
@@ -49,6 +49,25 @@ def test_visibility_needs_a_point_in_front_facing_the_camera():
     normals = np.array([[0.0, -1.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]])
     visible, _ = visible_in_photo(points, normals, depth, priors)
     assert visible.tolist() == [True, False, False]  # facing away; hidden behind the wall
+
+
+def test_a_crease_turned_from_the_camera_is_seen_inside_the_silhouette_not_at_its_edge():
+    # a point in front at its pixel whose face is turned 107 degrees from the camera (a crease of
+    # the field's union with the body): the photo shows it there, unless that pixel is near the
+    # silhouette's edge, where a grazing surface would take the background's colour
+    import dataclasses
+
+    H = W = 32
+    cam = Camera(intrinsics(W, H, 40.0), look_at(np.array([0.0, -3.0, 0.0]), np.zeros(3)), W, H)
+    priors = flat_priors(np.zeros((H, W, 3)), cam)
+    depth = np.full((H, W), 3.0)
+    turned = np.array([[np.sin(np.radians(107)), np.cos(np.radians(107)) * -1.0, 0.0]])  # facing = cos(107) = -0.29
+    point = np.zeros((1, 3))
+    assert visible_in_photo(point, turned, depth, priors)[0].tolist() == [True]
+    edge = dataclasses.replace(priors, person_core=np.zeros((H, W), bool))
+    assert visible_in_photo(point, turned, depth, edge)[0].tolist() == [False]
+    facing = np.array([[0.0, -1.0, 0.0]])
+    assert visible_in_photo(point, facing, depth, edge)[0].tolist() == [True]  # facing the camera: seen anyway
 
 
 def test_colour_surface_of_a_real_body_sees_the_front_and_carries_it_to_the_back(anny_body):

@@ -123,26 +123,38 @@ def unwrap_groups(faces: np.ndarray, skin_idx: np.ndarray, skin_w: np.ndarray, p
         counts[c] = 0
 
 
-def unwrap_uv(vertices: np.ndarray, faces: np.ndarray,
-              groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unwrap_uv(vertices: np.ndarray, faces: np.ndarray, groups: np.ndarray | None = None,
+              texel_scale: dict[int, float] | None = None, size: int = 1024,
+              padding: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """xatlas unwrap, one atlas mesh per face group (``unwrap_groups``), packed into one atlas.
 
     Why groups: xatlas's chart solve grows faster than the piece it is given (a noisy 82k-face
     sphere: 53 s whole, 6 s in 8 slabs; ``bench_unwrap``), and whole it can crash (a regular
     82k-face sphere, xatlas 0.0.11); separate meshes also go to separate threads.
+    ``texel_scale``: group -> texels per metre relative to the rest (the packer sizes charts by
+    their surface, so a group is handed over scaled by it; ``head_part`` for the face).
+    Charts are packed for the texture's ``size`` with ``padding`` texels between them (default
+    size / 256: 4 at 1024). Why: xatlas's default packs at its own resolution (~1200 for a 40k-face
+    avatar) with one texel between charts, less than one at the bake's 1024, so a chart's border
+    texels took a neighbouring chart's colours: thin dark outlines across faces and necks.
     -> (vertex_map (N',) into the input vertices, new faces (F,3) in the input's face order,
     uv (N',2) v up)."""
     import xatlas
 
     groups = np.zeros(len(faces), np.int64) if groups is None else np.asarray(groups)
+    texel_scale = texel_scale or {}
     atlas, pieces = xatlas.Atlas(), []
     for g in np.unique(groups):
         sel = np.nonzero(groups == g)[0]
         used, local = np.unique(faces[sel], return_inverse=True)
-        atlas.add_mesh(np.ascontiguousarray(vertices[used], dtype=np.float32),
+        atlas.add_mesh(np.ascontiguousarray(vertices[used] * float(texel_scale.get(int(g), 1.0)), dtype=np.float32),
                        np.ascontiguousarray(local.reshape(-1, 3), dtype=np.uint32))
         pieces.append((sel, used))
-    atlas.generate()
+    pack = xatlas.PackOptions()
+    pack.resolution = int(size)
+    pack.padding = max(1, int(size) // 256) if padding is None else int(padding)
+    pack.bilinear = True
+    atlas.generate(pack_options=pack)
     vmaps, uvs, new_faces, offset = [], [], np.empty((len(faces), 3), np.int64), 0
     for i, (sel, used) in enumerate(pieces):
         vmap, piece_faces, uv = atlas[i]  # xatlas keeps each mesh's face order
@@ -151,6 +163,22 @@ def unwrap_uv(vertices: np.ndarray, faces: np.ndarray,
         new_faces[sel] = piece_faces.astype(np.int64) + offset
         offset += len(vmap)
     return np.concatenate(vmaps), new_faces, np.concatenate(uvs).astype(np.float32)
+
+
+def head_part(faces: np.ndarray, groups: np.ndarray, vertices: np.ndarray, head_points: np.ndarray,
+              max_share: float = 0.2) -> int | None:
+    """The unwrap group (``unwrap_groups``) that holds the face: the commonest group of the faces
+    nearest ``head_points`` (e.g. the posed body's COCO nose, eyes and ears), or None when that group is
+    more than ``max_share`` of the faces (a rig whose head chain was merged into the torso's:
+    enlarging it would not be enlarging the face). faces (F,3), groups (F,), vertices (V,3)
+    posed, head_points (K,3) in the same frame."""
+    from scipy.spatial import cKDTree
+
+    centres = np.asarray(vertices, np.float64)[np.asarray(faces)].mean(1)
+    _, nearest = cKDTree(centres).query(np.asarray(head_points, np.float64))
+    values, counts = np.unique(np.asarray(groups)[np.atleast_1d(nearest)], return_counts=True)
+    head = int(values[np.argmax(counts)])
+    return head if np.mean(groups == head) <= max_share else None
 
 
 def bake_texture(posed_v: np.ndarray, faces: np.ndarray, corner_uv: np.ndarray,

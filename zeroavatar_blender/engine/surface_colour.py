@@ -35,6 +35,12 @@ from .cameras import Camera
 from .texture import MIRRORED, SEEN, UVTexture, erode_mask, project_texels, sample_image, uv_to_texel
 
 MIN_FACING = 0.2  # as the fast path: grazing views of a surface are not trusted
+# ... except well inside the silhouette: a surface point in front there, turned away or not, is
+# what the photo shows at its pixel. The field's union with the body leaves small creases (a chin,
+# a cheek) whose sideways faces took the unseen colour and showed as dark outlines; a grazing face
+# near the silhouette's edge would take the background's colour, so the margin.
+CREASE_FACING = -0.5
+CREASE_MARGIN = 0.01  # of the photo's long side: how far inside the person mask
 NEAR_BODY_M = 0.03  # within this of the body a point may use the body's UV texture
 BLUR_SIGMA_M = 0.04  # the through-blur's width on the subject
 MIN_WEIGHT = 0.05  # blurred weight below which a part is taken as unseen at that pixel
@@ -48,6 +54,7 @@ class ColourPriors:
     photo: np.ndarray  # (H,W,3) float32 in [0,1]
     camera: Camera  # for ``photo``
     person: np.ndarray  # (H,W) bool, eroded person mask
+    person_core: np.ndarray  # (H,W) bool, the mask eroded by CREASE_MARGIN (see CREASE_FACING)
     texture: UVTexture  # the body's UV texture (fast path)
     body_vertices: np.ndarray  # (V,3) posed, world
     body_faces: np.ndarray  # (F,3)
@@ -65,11 +72,12 @@ def build_colour_priors(photo_rgb: np.ndarray, camera: Camera, mask: np.ndarray 
     tex = bake_photo_texture(photo_rgb, camera, verts, body, mask=mask, size=texture_size)
     H, W = photo_rgb.shape[:2]
     person = np.ones((H, W), bool) if mask is None else (np.asarray(mask, np.float32) > 0.5)
+    core = erode_mask(person, max(3, round(CREASE_MARGIN * max(H, W))))
     person = erode_mask(person, max(2, round(0.003 * max(H, W))))
     idx = body.skin_indices.cpu().numpy()
     w = body.skin_weights.cpu().numpy()
     part = dominant_chains(idx, w, body.bone_parents)
-    return ColourPriors(np.asarray(photo_rgb, np.float32)[..., :3] / 255.0, camera, person, tex,
+    return ColourPriors(np.asarray(photo_rgb, np.float32)[..., :3] / 255.0, camera, person, core, tex,
                         verts.numpy(), np.asarray(body.faces, np.int64), np.asarray(body.corner_uv, np.float32),
                         part, np.asarray(body.bone_parents, np.int64))
 
@@ -85,7 +93,8 @@ def visible_in_photo(points: np.ndarray, normals: np.ndarray, depth: np.ndarray,
     px = np.clip(np.rint(pix[:, 0]), 0, W - 1).astype(np.int64)
     py = np.clip(np.rint(pix[:, 1]), 0, H - 1).astype(np.int64)
     footprint = 2.0 * z / float(cam.K[0, 0])
-    visible = inside & (z <= depth[py, px] + tolerance + footprint) & (facing > MIN_FACING) & priors.person[py, px]
+    facing_ok = (facing > MIN_FACING) | ((facing > CREASE_FACING) & priors.person_core[py, px])
+    visible = inside & (z <= depth[py, px] + tolerance + footprint) & facing_ok & priors.person[py, px]
     return visible, pix
 
 
