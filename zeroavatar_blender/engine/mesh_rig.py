@@ -136,7 +136,7 @@ def unwrap_uv(vertices: np.ndarray, faces: np.ndarray, groups: np.ndarray | None
     Charts are packed for the texture's ``size`` with ``padding`` texels between them (default
     size / 256: 4 at 1024). Why: xatlas's default packs at its own resolution (~1200 for a 40k-face
     avatar) with one texel between charts, less than one at the bake's 1024, so a chart's border
-    texels took a neighbouring chart's colours: thin dark outlines across faces and necks.
+    texels could take a neighbouring chart's colours (and a game engine's mipmaps need more).
     -> (vertex_map (N',) into the input vertices, new faces (F,3) in the input's face order,
     uv (N',2) v up)."""
     import xatlas
