@@ -67,6 +67,11 @@ class FinaliseConfig:
     # at, and the body models' own UV layouts (the fast path's) give the head about twice the
     # density of the body; an even atlas left the standard avatar's face blurrier than the fast one's.
     head_texel_scale: float = 2.0
+    # The surface in two layers (surface_layers.py): the body's own mesh where the field agrees
+    # with it, the field's surface only where it stands more than ``layer_hide`` metres off the
+    # body. False: the union's marching cubes everywhere, snapped onto the body near it.
+    layers: bool = True
+    layer_hide: float = 0.01  # about a marching-cubes cell: it bridges concavities finer than that
 
 
 def snap_to_body(vertices: np.ndarray, body_vertices: np.ndarray, body_faces: np.ndarray,
@@ -225,6 +230,24 @@ def field_surface(field, fc: FinaliseConfig, resolution: int, body_v: np.ndarray
     return surface_from_density(density, fc.level_ratio * field.config.surface_density, axes, union)
 
 
+def layered_surface(surface, body_v: np.ndarray, body_f: np.ndarray, fc: FinaliseConfig, target_faces: int):
+    """The body's mesh where the union's surface lies on it plus that surface's shell where it
+    stands off it (surface_layers.py). ``target_faces`` (0: any): the shell gets what the body
+    leaves of it (at least a third); over it still, the whole is decimated (a low-poly budget)."""
+    from .extract import decimate
+    from .surface_layers import body_layer, join, shell_layer
+
+    body = body_layer(body_v, body_f, surface, hide=fc.layer_hide)
+    shell = shell_layer(surface, body, hide=fc.layer_hide)
+    if not target_faces:
+        return join(body, shell)
+    budget = max(target_faces - body.num_faces, target_faces // 3)
+    if shell.num_faces > budget:
+        shell = decimate(shell, budget)
+    both = join(body, shell)
+    return decimate(both, target_faces) if both.num_faces > target_faces else both
+
+
 def finalise_config(settings) -> FinaliseConfig:
     overrides = (settings.extra or {}).get("finalise") or {}
     unknown = set(overrides) - {f.name for f in dataclasses.fields(FinaliseConfig)}
@@ -270,11 +293,14 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
     job.check_cancel()
     target_faces = int(settings.extra.get("target_faces", 40_000))
     mesh = clean_mesh(mesh, CleanupConfig(target_faces=0, smooth_iterations=fc.smooth_iterations))
-    verts = mesh.vertices.astype(np.float64)
-    hold = garment_hold(silhouette, verts, fc.garment_hold)
-    mesh = MeshData(snap_to_body(verts, body_v, body_f, fc.snap_inner, fc.snap_outer, hold), mesh.faces)
-    if target_faces:
-        mesh = decimate(mesh, target_faces)
+    if fc.layers:
+        mesh = layered_surface(mesh, body_v, body_f, fc, target_faces)
+    else:
+        verts = mesh.vertices.astype(np.float64)
+        hold = garment_hold(silhouette, verts, fc.garment_hold)
+        mesh = MeshData(snap_to_body(verts, body_v, body_f, fc.snap_inner, fc.snap_outer, hold), mesh.faces)
+        if target_faces:
+            mesh = decimate(mesh, target_faces)
     posed_v, faces = mesh.vertices.astype(np.float64), mesh.faces.astype(np.int64)
     job.info(f"Surface: {len(posed_v)} vertices, {len(faces)} faces ({time.time() - started:.1f} s)")
 

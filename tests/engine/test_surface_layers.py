@@ -1,0 +1,63 @@
+"""The avatar's surface in two layers: the body's own mesh, and the field's shell off it."""
+
+from __future__ import annotations
+
+import numpy as np
+import trimesh
+
+from zeroavatar_blender.engine.extract import MeshData
+from zeroavatar_blender.engine.surface_layers import body_layer, drop_small_pieces, join, shell_layer
+
+
+def _sphere(radius: float, subdivisions: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    m = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
+    return np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64)
+
+
+def _capped(radius: float, cap_from: float, cap_radius: float) -> MeshData:
+    """A sphere whose top (z > cap_from) stands out to ``cap_radius``: a hat on a head."""
+    v, f = _sphere(radius, 3)
+    top = v[:, 2] > cap_from
+    v[top] *= cap_radius / radius
+    return MeshData(v, f)
+
+
+def test_the_body_stays_where_the_surface_lies_on_it_and_goes_under_a_garment():
+    body_v, body_f = _sphere(0.1)
+    surface = _capped(0.1, 0.05, 0.13)  # 3 cm of hat over the top, the body everywhere else
+    body = body_layer(body_v, body_f, surface, hide=0.01)
+    kept_z = body.vertices[:, 2]
+    assert kept_z.min() < -0.09  # the bottom stays
+    assert kept_z.max() < 0.07  # the top is under the hat
+    # exactly the body's own triangles where it stays (no resampling)
+    from scipy.spatial import cKDTree
+
+    assert cKDTree(body_v).query(body.vertices)[0].max() < 1e-6  # float32 storage
+
+    shell = shell_layer(surface, body, hide=0.01, min_faces=8)
+    assert shell.num_faces > 0
+    assert shell.vertices[:, 2].min() > 0.03  # only the hat, and the faces that join it to the body
+    both = join(body, shell)
+    assert both.num_faces == body.num_faces + shell.num_faces
+    assert np.allclose(both.vertices[both.faces[-1]], shell.vertices[shell.faces[-1]])
+
+
+def test_a_body_part_outside_the_surface_is_dropped():
+    # the surface ends 4 cm short of the body's bottom (the photo's silhouette carved a
+    # wrongly fitted limb): the body's faces there are outside the united volume
+    body_v, body_f = _sphere(0.1)
+    sv, sf = _sphere(0.1, 3)
+    low = sv[:, 2] < -0.04
+    sv[low, 2] = -0.04 - (sv[low, 2] + 0.04) * 0.1  # flattened bottom
+    body = body_layer(body_v, body_f, MeshData(sv, sf), hide=0.01)
+    assert body.vertices[:, 2].min() > -0.07
+    assert body.vertices[:, 2].max() > 0.09
+
+
+def test_small_pieces_are_dropped_and_large_ones_kept():
+    big_v, big_f = _sphere(0.1, 2)
+    small = trimesh.creation.box(extents=(0.01, 0.01, 0.01))
+    mesh = join(MeshData(big_v, big_f), MeshData(np.asarray(small.vertices) + 1.0, np.asarray(small.faces)))
+    kept = drop_small_pieces(mesh, min_faces=20)
+    assert kept.num_faces == len(big_f)
+    assert kept.vertices.max() < 0.5

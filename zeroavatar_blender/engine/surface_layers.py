@@ -1,0 +1,87 @@
+"""The avatar's surface in two layers: the fitted body's own mesh, and the field's shell where it
+stands off the body (a skirt, a jacket, hair).
+
+Why: the union surface (surface_merge.py) comes from marching cubes at about a centimetre and is
+then decimated, so where it is the body it samples the body at that spacing: lips, nostrils and
+fingers became a few large flat facets, shaded as broken planes in any lit scene, where the body
+model has six times the triangles (measured on a portrait: a fifth of the face's triangles more
+than 30 degrees off the body's normals). Where the field agrees with the body, the body's own
+triangles are the answer; the field's surface is kept only where it stands more than a few
+millimetres off the body, the way a game character's clothes are a layer over its body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .extract import MeshData, _subset
+
+
+@dataclass
+class Layers:
+    body: MeshData  # the body's mesh, moved in where the field carved it, hidden parts dropped
+    shell: MeshData  # the field's surface where it stands off the body
+
+
+def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hide: float) -> MeshData:
+    """The body where the united surface (``surface``: closed, faces outward) lies on it. Each
+    body vertex measures its signed distance to that surface (by the outward normal of the
+    nearest surface triangle): more than ``hide`` inside the volume, it is under a garment (or a
+    leg inside a skirt); more than ``hide`` outside, the photo's silhouette emptied that space (fit
+    error) and the field's own surface stands elsewhere; a face whose corners are all one or the
+    other is dropped. Within ``hide`` the body stays, being the finer answer."""
+    from .mesh_rig import closest_body_points
+
+    v = np.asarray(body_v, np.float64)
+    f = np.asarray(body_f, np.int64)
+    sv, sf = surface.vertices.astype(np.float64), np.asarray(surface.faces, np.int64)
+    face, bary, _ = closest_body_points(v, sv, sf, k=8)
+    tri = sv[sf[face]]
+    closest = (tri * bary[:, :, None]).sum(1)
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-12)
+    signed = ((v - closest) * normal).sum(1)  # + outside the united volume
+    off = np.abs(signed) > hide
+    return _subset(MeshData(v, f), ~off[f].all(1))
+
+
+def shell_layer(surface: MeshData, body: MeshData, *, hide: float, min_faces: int = 64) -> MeshData:
+    """The faces of ``surface`` (the union's marching cubes) with a corner more than ``hide`` from
+    the body layer, without pieces under ``min_faces`` faces (noise)."""
+    from .mesh_rig import closest_body_points
+
+    if surface.num_faces == 0:
+        return surface
+    if body.num_faces:
+        _, _, dist = closest_body_points(surface.vertices.astype(np.float64), body.vertices.astype(np.float64),
+                                         body.faces, k=6)
+        off = dist > hide
+    else:
+        off = np.ones(surface.num_vertices, bool)
+    shell = _subset(surface, off[surface.faces].any(1))  # any: the layers overlap by a face instead of leaving a gap
+    return drop_small_pieces(shell, min_faces)
+
+
+def drop_small_pieces(mesh: MeshData, min_faces: int) -> MeshData:
+    """Keep the connected pieces (through shared vertices) of at least ``min_faces`` faces."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if mesh.num_faces == 0:
+        return mesh
+    f = mesh.faces
+    rows = np.concatenate([f[:, 0], f[:, 1], f[:, 2]])
+    cols = np.concatenate([f[:, 1], f[:, 2], f[:, 0]])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(mesh.num_vertices, mesh.num_vertices))
+    _, label = connected_components(graph, directed=False)
+    face_label = label[f[:, 0]]
+    counts = np.bincount(face_label)
+    return _subset(mesh, counts[face_label] >= min_faces)
+
+
+def join(a: MeshData, b: MeshData) -> MeshData:
+    """Both meshes as one (separate pieces, as a character's clothes are over its body)."""
+    return MeshData(np.concatenate([a.vertices, b.vertices]).astype(np.float64),
+                    np.concatenate([a.faces, b.faces + a.num_vertices]).astype(np.int64))
