@@ -2,11 +2,12 @@
 
 High-resolution marching cubes of the field united with the fitted body where the field holds
 it and the photo shows no garment (surface_merge.py: a blurred field loses noses, hands, patches
-of skin) -> clean-up (largest component, small holes, Taubin smoothing) -> surface snapped onto
-the fitted body where it is within a centimetre or two of it (there the body is the better
-estimate: the field's level set only adds marching-cubes and hash-grid noise; farther out, a
-skirt or a jacket, the field's shape stays) -> decimation -> skin weights from the
-fitted body -> unposed to the body's rest pose -> UV unwrap -> texture: the photo where it sees
+of skin) -> clean-up (largest component, small holes, Taubin smoothing) -> two layers
+(surface_layers.py): the fitted body's own mesh wherever that surface lies on it (there the body
+is the better estimate, at the body model's millimetres: lips, nostrils, fingers), and the
+surface's shell where it stands off the body (a skirt, a jacket, hair), decimated to the face
+budget (``layers=False``: the old single surface, snapped onto the body near it) -> skin weights
+from the fitted body -> unposed to the body's rest pose -> UV unwrap -> texture: the photo where it sees
 the surface, the body's UV texture near the body, the photo carried through to the back
 elsewhere (surface_colour.py); quality ``full`` keeps the diffusion-guided field's colour there.
 """
