@@ -6,23 +6,15 @@ then decimated, so where it is the body it samples the body at that spacing: lip
 fingers became a few large flat facets, shaded as broken planes in any lit scene, where the body
 model has six times the triangles (measured on a portrait: a fifth of the face's triangles more
 than 30 degrees off the body's normals). Where the field agrees with the body, the body's own
-triangles are the answer; the field's surface is kept only where it stands more than a few
-millimetres off the body, the way a game character's clothes are a layer over its body.
+triangles are the answer; the field's surface is kept only where it stands more than about a
+centimetre off the body, the way a game character's clothes are a layer over its body.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from .extract import MeshData, _subset
-
-
-@dataclass
-class Layers:
-    body: MeshData  # the body's mesh, moved in where the field carved it, hidden parts dropped
-    shell: MeshData  # the field's surface where it stands off the body
 
 
 def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hide: float) -> MeshData:
@@ -30,8 +22,8 @@ def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hid
     body vertex measures its signed distance to that surface (by the outward normal of the
     nearest surface triangle): more than ``hide`` inside the volume, it is under a garment (or a
     leg inside a skirt); more than ``hide`` outside, the photo's silhouette emptied that space (fit
-    error) and the field's own surface stands elsewhere; a face whose corners are all one or the
-    other is dropped. Within ``hide`` the body stays, being the finer answer."""
+    error) and the field's own surface stands elsewhere; a face whose corners all lie that far off,
+    either way, is dropped. Within ``hide`` the body stays, being the finer answer."""
     from .mesh_rig import closest_body_points
 
     v = np.asarray(body_v, np.float64)
