@@ -7,7 +7,7 @@ import trimesh
 
 from zeroavatar_blender import protocol
 from zeroavatar_blender.engine.extract import (
-    CleanupConfig, MeshData, boundary_loops, clean_mesh, decimate, extract_mesh, fill_small_holes,
+    CleanupConfig, MeshData, boundary_loops, clean_mesh, decimate, drop_small_pieces, extract_mesh, fill_small_holes,
     keep_largest_component, marching_cubes, read_preview_mesh, signed_volume, taubin_smooth, write_preview_mesh,
 )
 from zeroavatar_blender.engine.field.nerf import FieldOutputs
@@ -158,3 +158,12 @@ def test_clean_mesh_pipeline_on_the_distilled_body():
     assert signed_volume(clean.vertices, clean.faces) == pytest.approx(signed_volume(mesh.vertices, mesh.faces),
                                                                        rel=0.05)
 
+
+def test_small_pieces_are_dropped_and_large_ones_kept():
+    big = trimesh.creation.icosphere(subdivisions=2, radius=0.1)
+    small = trimesh.creation.box(extents=(0.01, 0.01, 0.01))
+    mesh = MeshData(np.concatenate([big.vertices, np.asarray(small.vertices) + 1.0]),
+                    np.concatenate([big.faces, np.asarray(small.faces) + len(big.vertices)]))
+    kept = drop_small_pieces(mesh, min_faces=20)
+    assert kept.num_faces == len(big.faces)
+    assert kept.vertices.max() < 0.5

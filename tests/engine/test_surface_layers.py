@@ -6,7 +6,7 @@ import numpy as np
 import trimesh
 
 from zeroavatar_blender.engine.extract import MeshData
-from zeroavatar_blender.engine.surface_layers import body_layer, drop_small_pieces, join, shell_layer
+from zeroavatar_blender.engine.surface_layers import body_layer, join, shell_layer
 
 
 def _sphere(radius: float, subdivisions: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -52,12 +52,3 @@ def test_a_body_part_outside_the_surface_is_dropped():
     body = body_layer(body_v, body_f, MeshData(sv, sf), hide=0.01)
     assert body.vertices[:, 2].min() > -0.07
     assert body.vertices[:, 2].max() > 0.09
-
-
-def test_small_pieces_are_dropped_and_large_ones_kept():
-    big_v, big_f = _sphere(0.1, 2)
-    small = trimesh.creation.box(extents=(0.01, 0.01, 0.01))
-    mesh = join(MeshData(big_v, big_f), MeshData(np.asarray(small.vertices) + 1.0, np.asarray(small.faces)))
-    kept = drop_small_pieces(mesh, min_faces=20)
-    assert kept.num_faces == len(big_f)
-    assert kept.vertices.max() < 0.5

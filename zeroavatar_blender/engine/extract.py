@@ -191,18 +191,30 @@ def _subset(mesh: MeshData, face_mask: np.ndarray) -> MeshData:
     return MeshData(mesh.vertices[used], remap[faces], colors)
 
 
-def keep_largest_component(mesh: MeshData) -> MeshData:
-    """Drop floaters: keep the connected component (through shared vertices) with most faces."""
-    if mesh.num_faces == 0:
-        return mesh
+def face_components(mesh: MeshData) -> np.ndarray:
+    """The connected piece (through shared vertices) of every face. -> (F,) labels from 0."""
     f = mesh.faces
     rows = np.concatenate([f[:, 0], f[:, 1], f[:, 2]])
     cols = np.concatenate([f[:, 1], f[:, 2], f[:, 0]])
     adj = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(mesh.num_vertices,) * 2)
     _, labels = connected_components(adj, directed=False)
-    face_label = labels[f[:, 0]]
-    biggest = np.bincount(face_label).argmax()
-    return _subset(mesh, face_label == biggest)
+    return labels[f[:, 0]]
+
+
+def keep_largest_component(mesh: MeshData) -> MeshData:
+    """Drop floaters: keep the connected component (through shared vertices) with most faces."""
+    if mesh.num_faces == 0:
+        return mesh
+    face_label = face_components(mesh)
+    return _subset(mesh, face_label == np.bincount(face_label).argmax())
+
+
+def drop_small_pieces(mesh: MeshData, min_faces: int) -> MeshData:
+    """Keep the connected pieces (through shared vertices) of at least ``min_faces`` faces."""
+    if mesh.num_faces == 0:
+        return mesh
+    face_label = face_components(mesh)
+    return _subset(mesh, np.bincount(face_label)[face_label] >= min_faces)
 
 
 def boundary_loops(faces: np.ndarray, num_vertices: int) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .extract import MeshData, _subset
+from .extract import MeshData, _subset, drop_small_pieces
 
 
 def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hide: float) -> MeshData:
@@ -54,23 +54,6 @@ def shell_layer(surface: MeshData, body: MeshData, *, hide: float, min_faces: in
         off = np.ones(surface.num_vertices, bool)
     shell = _subset(surface, off[surface.faces].any(1))  # any: the layers overlap by a face instead of leaving a gap
     return drop_small_pieces(shell, min_faces)
-
-
-def drop_small_pieces(mesh: MeshData, min_faces: int) -> MeshData:
-    """Keep the connected pieces (through shared vertices) of at least ``min_faces`` faces."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    if mesh.num_faces == 0:
-        return mesh
-    f = mesh.faces
-    rows = np.concatenate([f[:, 0], f[:, 1], f[:, 2]])
-    cols = np.concatenate([f[:, 1], f[:, 2], f[:, 0]])
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(mesh.num_vertices, mesh.num_vertices))
-    _, label = connected_components(graph, directed=False)
-    face_label = label[f[:, 0]]
-    counts = np.bincount(face_label)
-    return _subset(mesh, counts[face_label] >= min_faces)
 
 
 def join(a: MeshData, b: MeshData) -> MeshData:
