@@ -20,12 +20,12 @@ def test_unwrap_groups_follow_bone_chains_and_merge_small_parts():
     skin_idx = np.stack([dominant, np.zeros_like(dominant)], 1)
     skin_w = np.tile([0.9, 0.1], (len(dominant), 1))
     faces = np.array([[i, (i + 1) % 12, (i + 2) % 12] for i in range(12)])  # face i: vertex i's part
-    part = unwrap_groups(faces, skin_idx, skin_w, parents, min_share=0.0)
+    part = unwrap_groups(faces, skin_idx, skin_w, parents, min_share=0.0, min_island=1)
     assert part.tolist() == [0, 1, 1, 3, 4, 4, 4, 4, 5, 3, 3, 3]  # 1 and 2 are one chain
-    part = unwrap_groups(faces, skin_idx, skin_w, parents, min_share=2 / 12)
+    part = unwrap_groups(faces, skin_idx, skin_w, parents, min_share=2 / 12, min_island=1)
     # bone 5's single face joins its parent's chain (3); the chain 1-2 has 2 faces and stays
     assert part.tolist() == [0, 1, 1, 3, 4, 4, 4, 4, 3, 3, 3, 3]
-    part = unwrap_groups(faces, skin_idx, skin_w, parents, min_share=0.5)
+    part = unwrap_groups(faces, skin_idx, skin_w, parents, min_share=0.5, min_island=1)
     # small chains climb to their parents': 1-2 into the root's (which may stay small), 4 and 5 into 3's
     assert part.tolist() == [0, 0, 0] + [3] * 9
 
@@ -91,3 +91,23 @@ def test_head_part_is_the_group_at_the_head_points_unless_it_is_most_of_the_body
     groups = np.array([7] * 9 + [3])
     assert head_part(f, groups, v, np.array([[0.3, 0.3, 2.1]])) == 3
     assert head_part(f, groups, v, np.array([[0.3, 0.3, 0.1]])) is None  # 90 % of the faces: not a head
+
+
+def test_islands_of_a_part_join_the_part_around_them():
+    grid = trimesh.creation.box().subdivide().subdivide()  # a closed surface, 768 faces
+    f = np.asarray(grid.faces, np.int64)
+    centre = grid.vertices[f].mean(1)
+    part = (centre[:, 2] > 0).astype(np.int64)  # top and bottom halves
+    island = np.nonzero(part == 0)[0][5]
+    part[island] = 1  # one face of the bottom labelled as the top, as interleaved labels do
+    from zeroavatar_blender.engine.mesh_rig import absorb_islands
+
+    out = absorb_islands(f, part, min_faces=32)
+    assert out[island] == 0
+    assert (out == (centre[:, 2] > 0)).all()  # the halves themselves are large and stay
+    assert (absorb_islands(f, part, min_faces=1) == part).all()
+    # a separate piece of its own (an eye) borders no other part and keeps its label
+    two = np.concatenate([f, f[:8] + len(grid.vertices)])
+    labels = np.concatenate([part, [7] * 8])
+    assert (absorb_islands(two, labels, min_faces=32)[-8:] == 7).all()
+

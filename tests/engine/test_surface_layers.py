@@ -52,3 +52,17 @@ def test_a_body_part_outside_the_surface_is_dropped():
     body = body_layer(body_v, body_f, MeshData(sv, sf), hide=0.01)
     assert body.vertices[:, 2].min() > -0.07
     assert body.vertices[:, 2].max() > 0.09
+
+
+def test_a_small_bulge_leaves_no_hole_in_the_body():
+    # a bump on the surface, 2 cm out over a few of the body's faces: its shell would be a piece
+    # under min_faces (dropped as noise), so the body under it stays rather than leave a crack
+    body_v, body_f = _sphere(0.1)
+    sv, sf = _sphere(0.1, 4)
+    d = np.linalg.norm(sv - [0.0, 0.0, 0.1], axis=1)
+    sv *= (1 + 0.25 * np.clip(1 - d / 0.03, 0, 1))[:, None]  # a cone, 2.5 cm high at the top
+    body = body_layer(body_v, body_f, MeshData(sv, sf), hide=0.01, min_hole=64)
+    assert body.num_faces == len(body_f)
+    holed = body_layer(body_v, body_f, MeshData(sv, sf), hide=0.01, min_hole=1)
+    assert 0 < len(body_f) - holed.num_faces < 64
+

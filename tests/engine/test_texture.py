@@ -42,6 +42,26 @@ def test_texel_map_reproduces_texel_uvs():
     assert (bary[covered] >= -1e-6).all()
 
 
+def test_a_tiny_chart_still_gets_texels_of_its_own():
+    # a chart smaller than a texel covers no texel centre; with a margin the texels around it
+    # take it (at its nearest point), not the nearest other chart
+    corner_uv = np.array([[[0.101, 0.101], [0.1015, 0.101], [0.101, 0.1015]],  # a sliver
+                          [[0.5, 0.5], [0.9, 0.5], [0.5, 0.9]]])
+    faces = np.array([[0, 1, 2], [3, 4, 5]])
+    fid, _ = texel_surface_map(faces, corner_uv, 64)
+    assert not (fid == 0).any()
+    fid, bary = texel_surface_map(faces, corner_uv, 64, margin=2.0)
+    assert 0 < (fid == 0).sum() <= 16
+    assert np.allclose(bary[fid == 0].sum(1), 1.0) and (bary[fid >= 0] >= -1e-6).all()
+    big, _ = texel_surface_map(faces, corner_uv, 64)
+    assert ((fid == 1) & (big == 1)).sum() == (big == 1).sum()  # covered texels keep their face
+    assert (fid == 1).sum() > (big == 1).sum()  # and the big face's edge texels are added
+    extra = (fid >= 0) & (big < 0)
+    nearest = (bary[extra][:, :, None] * corner_uv[fid[extra]]).sum(1)  # the point each extra texel took
+    distance = np.linalg.norm(nearest - texel_centres_uv(64)[extra], axis=1) * 64
+    assert (distance <= 2.0 + 1e-6).all() and (distance > 0).all()
+
+
 def test_uv_mirror_map_reflects_left_and_right():
     _, faces, uv, mirror = strip_mesh()
     m = uv_mirror_map(faces, uv, mirror, 64)

@@ -359,9 +359,9 @@ def bake_surface_texture(posed_v: np.ndarray, faces: np.ndarray, corner_uv: np.n
 
     from .render.raster import vertex_normals
     from .surface_colour import colour_surface
-    from .texture import texel_surface_map
+    from .texture import bake_margin, texel_surface_map
 
-    face_id, bary = texel_surface_map(faces, corner_uv, size)
+    face_id, bary = texel_surface_map(faces, corner_uv, size, margin=bake_margin(size))
     on = face_id >= 0
     img = np.zeros((size, size, 3), np.float64)
     if on.any():

@@ -103,10 +103,11 @@ def unpose(posed_v: np.ndarray, idx: np.ndarray, w: np.ndarray, transforms: np.n
 
 
 def unwrap_groups(faces: np.ndarray, skin_idx: np.ndarray, skin_w: np.ndarray, parents: np.ndarray,
-                  min_share: float = 0.02) -> np.ndarray:
+                  min_share: float = 0.02, min_island: int = 32) -> np.ndarray:
     """A body part per face for the unwrap: the bone chain (``bone_chains``) of the dominant bone
     of the face's first corner, a part under ``min_share`` of the faces merged into its parent
-    chain's. Seams then run at the joints, where an artist would cut. -> (F,) part ids."""
+    chain's, and islands under ``min_island`` faces merged into the part around them
+    (``absorb_islands``). Seams then run at the joints, where an artist would cut. -> (F,) part ids."""
     from .body.base import bone_chains, dominant_chains
 
     chain = bone_chains(np.asarray(parents, np.int64))
@@ -115,12 +116,60 @@ def unwrap_groups(faces: np.ndarray, skin_idx: np.ndarray, skin_w: np.ndarray, p
     while True:
         small = [c for c in np.nonzero(counts)[0] if counts[c] < min_share * len(faces) and parents[c] >= 0]
         if not small:
-            return part
+            return absorb_islands(faces, part, min_island)
         c = min(small, key=lambda c: counts[c])
         into = chain[parents[c]]
         part[part == c] = into
         counts[into] += counts[c]
         counts[c] = 0
+
+
+def edge_neighbours(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of faces that share an edge: (a (P,), b (P,))."""
+    f = np.asarray(faces, np.int64)
+    edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), 1)
+    owner = np.tile(np.arange(len(f)), 3)
+    key = edges[:, 0] * (int(f.max()) + 1) + edges[:, 1]
+    order = np.argsort(key, kind="stable")
+    key, owner = key[order], owner[order]
+    same = np.nonzero(key[1:] == key[:-1])[0]
+    return owner[same], owner[same + 1]
+
+
+def absorb_islands(faces: np.ndarray, part: np.ndarray, min_faces: int, rounds: int = 4) -> np.ndarray:
+    """Give each connected island of a part under ``min_faces`` faces to the part it borders most.
+
+    Why: the part comes from one corner's dominant bone, so where two parts meet the labels
+    interleave, leaving one-face islands; each became its own chart, a speck smaller than a texel
+    that took a neighbouring chart's colours (237 charts of at most 3 faces on a portrait's
+    avatar). A piece of mesh of its own (an eye, a small garment piece) borders no other part and
+    keeps its label."""
+    from scipy.sparse.csgraph import connected_components
+
+    part = np.asarray(part, np.int64).copy()
+    if len(faces) == 0 or min_faces <= 1:
+        return part
+    a, b = edge_neighbours(faces)
+    src, dst = np.concatenate([a, b]), np.concatenate([b, a])
+    n, labels = len(faces), int(part.max()) + 1
+    for _ in range(rounds):
+        same = part[a] == part[b]
+        graph = sp.coo_matrix((np.ones(int(same.sum())), (a[same], b[same])), shape=(n, n))
+        _, comp = connected_components(graph, directed=False)
+        small = np.bincount(comp)[comp] < min_faces
+        border = small[src] & (part[src] != part[dst])
+        if not border.any():
+            break
+        key, count = np.unique(comp[src[border]] * labels + part[dst[border]], return_counts=True)
+        island, into = key // labels, key % labels
+        order = np.lexsort((-count, island))  # per island, the most shared edges first
+        first = order[np.r_[True, island[order][1:] != island[order][:-1]]]
+        target = np.full(comp.max() + 1, -1, np.int64)
+        target[island[first]] = into[first]
+        t = target[comp]
+        change = small & (t >= 0)
+        part[change] = t[change]
+    return part
 
 
 def unwrap_uv(vertices: np.ndarray, faces: np.ndarray, groups: np.ndarray | None = None,
@@ -187,9 +236,9 @@ def bake_texture(posed_v: np.ndarray, faces: np.ndarray, corner_uv: np.ndarray,
     point and pad the atlas. -> (S,S,3) uint8."""
     from scipy.ndimage import distance_transform_edt
 
-    from .texture import texel_surface_map
+    from .texture import bake_margin, texel_surface_map
 
-    face_id, bary = texel_surface_map(faces, corner_uv, size)
+    face_id, bary = texel_surface_map(faces, corner_uv, size, margin=bake_margin(size))
     on = face_id >= 0
     tri = posed_v[faces[face_id[on]]]
     points = (tri * bary[on][:, :, None]).sum(1)

@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from .extract import MeshData, _subset, drop_small_pieces
+from .extract import MeshData, _subset, drop_small_pieces, face_components
 
 
-def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hide: float) -> MeshData:
+def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hide: float,
+               min_hole: int = 64) -> MeshData:
     """The body where the united surface (``surface``: closed, faces outward) lies on it. Each
     body vertex measures its signed distance to that surface (by the outward normal of the
     nearest surface triangle): more than ``hide`` inside the volume, it is under a garment (or a
     leg inside a skirt); more than ``hide`` outside, the photo's silhouette emptied that space (fit
     error) and the field's own surface stands elsewhere; a face whose corners all lie that far off,
-    either way, is dropped. Within ``hide`` the body stays, being the finer answer."""
+    either way, is dropped. Within ``hide`` the body stays, being the finer answer.
+
+    Dropped pieces under ``min_hole`` faces are kept after all: the shell over them would be a
+    piece as small, which ``shell_layer`` drops as noise, and the avatar would have a hole there,
+    seen through to its far side (on a portrait: 164 such faces, in pieces under 64)."""
     from .mesh_rig import closest_body_points
 
     v = np.asarray(body_v, np.float64)
@@ -36,7 +41,12 @@ def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hid
     normal /= np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-12)
     signed = ((v - closest) * normal).sum(1)  # + outside the united volume
     off = np.abs(signed) > hide
-    return _subset(MeshData(v, f), ~off[f].all(1))
+    drop = off[f].all(1)
+    if drop.any() and min_hole > 1:
+        piece = face_components(MeshData(v, f[drop]))
+        small = np.bincount(piece)[piece] < min_hole
+        drop[np.nonzero(drop)[0][small]] = False
+    return _subset(MeshData(v, f), ~drop)
 
 
 def shell_layer(surface: MeshData, body: MeshData, *, hide: float, min_faces: int = 64) -> MeshData:

@@ -39,8 +39,24 @@ def uv_to_texel(uv: np.ndarray, size: int) -> np.ndarray:
     return np.stack([uv[..., 0] * size - 0.5, (1.0 - uv[..., 1]) * size - 0.5], -1)
 
 
-def texel_surface_map(faces: np.ndarray, corner_uv: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def bake_margin(size: int) -> float:
+    """Texels around each chart that a baker fills from the chart's own faces: half the padding
+    the packer leaves between charts (``mesh_rig.unwrap_uv``: size / 256), so neighbouring
+    charts never compete for a texel."""
+    return max(1.0, size / 512)
+
+
+def texel_surface_map(faces: np.ndarray, corner_uv: np.ndarray, size: int,
+                      margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Rasterise the UV layout: which face and where in it each texel centre lies.
+
+    ``margin`` (texels): a texel centre no face covers but within that distance of one takes the
+    nearest face, at the nearest point of it (barycentrics clamped to the triangle). Why: a face
+    smaller than a texel (a sliver, a one-face chart) covers no texel centre, and the renderer's
+    bilinear lookup reads the texels around a chart's edge; filled from the nearest *texel* they
+    took whatever chart lay nearest in the atlas (measured: 237 charts of at most 3 faces on a
+    portrait's avatar, each a speck of some other body part's colour). Bakers pass a margin; the
+    layout's own maps (mirror, prior) keep the exact coverage.
 
     faces (F,3), corner_uv (F,3,2) -> (face_id (S,S) int64, -1 off the layout; bary (S,S,3) float32).
     """
@@ -51,7 +67,66 @@ def texel_surface_map(faces: np.ndarray, corner_uv: np.ndarray, size: int) -> tu
     verts = torch.from_numpy(np.concatenate([xy, np.ones((len(xy), 1))], 1))  # z = 1: affine barycentrics
     tris = torch.arange(len(xy)).reshape(-1, 3)
     raster = rasterize(verts, tris, torch.eye(3, dtype=torch.float64), size, size)
-    return raster.face_id.numpy(), raster.bary.numpy().astype(np.float32)
+    face_id, bary = raster.face_id.numpy(), raster.bary.numpy().astype(np.float32)
+    if margin > 0 and len(faces):
+        near_face, near_bary = nearest_faces(xy.reshape(-1, 3, 2), face_id < 0, margin)
+        extra = near_face >= 0
+        face_id = np.where(extra, near_face, face_id)
+        bary[extra] = near_bary[extra]
+    return face_id, bary
+
+
+def _closest_on_triangles(p: np.ndarray, tri: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Closest point of 2D triangles to points: p (N,2), tri (N,3,2) -> (distance (N,), bary (N,3)).
+    The points are outside their triangles (or on an edge), so the nearest point is on an edge."""
+    best_d = np.full(len(p), np.inf)
+    best_b = np.zeros((len(p), 3))
+    for i in range(3):
+        j = (i + 1) % 3
+        a, e = tri[:, i], tri[:, j] - tri[:, i]
+        t = np.clip(((p - a) * e).sum(1) / np.maximum((e * e).sum(1), 1e-18), 0.0, 1.0)
+        d = np.linalg.norm(a + t[:, None] * e - p, axis=1)
+        better = d < best_d
+        best_d[better] = d[better]
+        b = np.zeros((int(better.sum()), 3))
+        b[:, i], b[:, j] = 1.0 - t[better], t[better]
+        best_b[better] = b
+    return best_d, best_b
+
+
+def nearest_faces(xy: np.ndarray, empty: np.ndarray, margin: float,
+                  chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """For the ``empty`` (S,S) texels within ``margin`` texels of a triangle of ``xy`` (F,3,2,
+    texel coordinates): that nearest triangle and the barycentrics of its nearest point.
+    -> (face (S,S) int64, -1 elsewhere; bary (S,S,3) float32)."""
+    S = empty.shape[0]
+    best = np.full(empty.shape, np.inf)
+    face = np.full(empty.shape, -1, np.int64)
+    bary = np.zeros((*empty.shape, 3), np.float32)
+    for start in range(0, len(xy), chunk):
+        t = xy[start:start + chunk]
+        lo = np.clip(np.floor(t.min(1) - margin), 0, S - 1).astype(np.int64)
+        hi = np.clip(np.ceil(t.max(1) + margin), 0, S - 1).astype(np.int64)
+        w = hi - lo + 1
+        n = w[:, 0] * w[:, 1]
+        f = np.repeat(np.arange(len(t)), n)
+        k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        cx, cy = lo[f, 0] + k % w[f, 0], lo[f, 1] + k // w[f, 0]
+        keep = empty[cy, cx]
+        f, cx, cy = f[keep], cx[keep], cy[keep]
+        d, b = _closest_on_triangles(np.stack([cx, cy], 1).astype(np.float64), t[f])
+        near = d <= margin
+        f, cx, cy, d, b = f[near], cx[near], cy[near], d[near], b[near]
+        order = np.lexsort((d, cy * S + cx))  # by texel, nearest first
+        key = (cy * S + cx)[order]
+        first = order[np.r_[True, key[1:] != key[:-1]]] if len(key) else order
+        f, cx, cy, d, b = f[first], cx[first], cy[first], d[first], b[first]
+        better = d < best[cy, cx]
+        cx, cy = cx[better], cy[better]
+        best[cy, cx] = d[better]
+        face[cy, cx] = f[better] + start
+        bary[cy, cx] = b[better]
+    return face, bary
 
 
 def mirror_faces(faces: np.ndarray, vertex_mirror: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
