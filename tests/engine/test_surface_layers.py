@@ -61,8 +61,21 @@ def test_a_small_bulge_leaves_no_hole_in_the_body():
     sv, sf = _sphere(0.1, 4)
     d = np.linalg.norm(sv - [0.0, 0.0, 0.1], axis=1)
     sv *= (1 + 0.25 * np.clip(1 - d / 0.03, 0, 1))[:, None]  # a cone, 2.5 cm high at the top
-    body = body_layer(body_v, body_f, MeshData(sv, sf), hide=0.01, min_hole=64)
+    body = body_layer(body_v, body_f, MeshData(sv, sf), hide=0.01, min_hole=64, rings=0)
     assert body.num_faces == len(body_f)
-    holed = body_layer(body_v, body_f, MeshData(sv, sf), hide=0.01, min_hole=1)
+    holed = body_layer(body_v, body_f, MeshData(sv, sf), hide=0.01, min_hole=1, rings=0)
     assert 0 < len(body_f) - holed.num_faces < 64
 
+
+
+def test_opening_drops_thin_strips_and_keeps_wide_regions():
+    from zeroavatar_blender.engine.surface_layers import open_face_set
+
+    v, f = _sphere(0.1, 4)
+    centre = v[f].mean(1)
+    cap = centre[:, 2] > 0.06  # a wide region (a garment's footprint)
+    strip = np.abs(centre[:, 0]) < 0.004  # a band about one face wide (a crease)
+    opened = open_face_set(f, cap | strip, len(v), 2)
+    assert (opened[cap] == True).mean() > 0.97  # noqa: E712 - the cap keeps its outline
+    assert not opened[strip & ~cap & (centre[:, 2] < 0.03)].any()
+    assert (open_face_set(f, cap | strip, len(v), 0) == (cap | strip)).all()

@@ -18,7 +18,7 @@ from .extract import MeshData, _subset, drop_small_pieces, face_components
 
 
 def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hide: float,
-               min_hole: int = 64) -> MeshData:
+               min_hole: int = 64, rings: int = 2) -> MeshData:
     """The body where the united surface (``surface``: closed, faces outward) lies on it. Each
     body vertex measures its signed distance to that surface (by the outward normal of the
     nearest surface triangle): more than ``hide`` inside the volume, it is under a garment (or a
@@ -28,7 +28,10 @@ def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hid
 
     Dropped pieces under ``min_hole`` faces are kept after all: the shell over them would be a
     piece as small, which ``shell_layer`` drops as noise, and the avatar would have a hole there,
-    seen through to its far side (on a portrait: 164 such faces, in pieces under 64)."""
+    seen through to its far side (on a portrait: 164 such faces, in pieces under 64). So are
+    strips narrower than about ``2 * rings`` faces (``open_face_set``): the body's creases (the
+    fold under a lower lip) lie more than ``hide`` under the centimetre surface that bridges
+    them, and dropped they left a crack across the chin."""
     from .mesh_rig import closest_body_points
 
     v = np.asarray(body_v, np.float64)
@@ -41,12 +44,29 @@ def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hid
     normal /= np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-12)
     signed = ((v - closest) * normal).sum(1)  # + outside the united volume
     off = np.abs(signed) > hide
-    drop = off[f].all(1)
+    drop = open_face_set(f, off[f].all(1), len(v), rings)
     if drop.any() and min_hole > 1:
         piece = face_components(MeshData(v, f[drop]))
         small = np.bincount(piece)[piece] < min_hole
         drop[np.nonzero(drop)[0][small]] = False
     return _subset(MeshData(v, f), ~drop)
+
+
+def open_face_set(faces: np.ndarray, chosen: np.ndarray, num_vertices: int, rings: int) -> np.ndarray:
+    """Morphological opening of a set of faces over the mesh: shrink it by ``rings`` rings of
+    faces (through shared vertices), grow what is left back inside the set. Strips and specks
+    thinner than about ``2 * rings`` faces leave the set; wide regions keep their outline."""
+    f = np.asarray(faces, np.int64)
+    core = np.asarray(chosen, bool).copy()
+    for _ in range(rings):
+        touches_other = np.zeros(num_vertices, bool)
+        touches_other[f[~core].ravel()] = True
+        core &= ~touches_other[f].any(1)
+    for _ in range(rings):
+        near = np.zeros(num_vertices, bool)
+        near[f[core].ravel()] = True
+        core = chosen & near[f].any(1)
+    return core
 
 
 def shell_layer(surface: MeshData, body: MeshData, *, hide: float, min_faces: int = 64) -> MeshData:
