@@ -73,7 +73,6 @@ class FinaliseConfig:
     # body. False: the union's marching cubes everywhere, snapped onto the body near it.
     layers: bool = True
     layer_hide: float = 0.01  # about a marching-cubes cell: it bridges concavities finer than that
-    layer_tuck: float = 0.003  # the shell's edge goes this far under the body's skin (surface_layers.shell_layer)
 
 
 def snap_to_body(vertices: np.ndarray, body_vertices: np.ndarray, body_faces: np.ndarray,
@@ -240,7 +239,7 @@ def layered_surface(surface, body_v: np.ndarray, body_f: np.ndarray, fc: Finalis
     from .surface_layers import body_layer, join, shell_layer
 
     body = body_layer(body_v, body_f, surface, hide=fc.layer_hide)
-    shell = shell_layer(surface, body, hide=fc.layer_hide, tuck=fc.layer_tuck)
+    shell = shell_layer(surface, body, hide=fc.layer_hide)
     if not target_faces:
         return join(body, shell)
     budget = max(target_faces - body.num_faces, target_faces // 3)

@@ -69,33 +69,20 @@ def open_face_set(faces: np.ndarray, chosen: np.ndarray, num_vertices: int, ring
     return core
 
 
-def shell_layer(surface: MeshData, body: MeshData, *, hide: float, min_faces: int = 64,
-                tuck: float = 0.0) -> MeshData:
+def shell_layer(surface: MeshData, body: MeshData, *, hide: float, min_faces: int = 64) -> MeshData:
     """The faces of ``surface`` (the union's marching cubes) with a corner more than ``hide`` from
-    the body layer, without pieces under ``min_faces`` faces (noise).
-
-    ``tuck`` (metres, 0: off): the corners within ``hide`` of the body (where a garment meets
-    the skin, the face of overlap) move to ``tuck`` under the body's surface, so the garment's
-    edge goes under the skin instead of hovering over it: no step, and no two surfaces a
-    millimetre apart for a renderer's depth test to fight over."""
+    the body layer, without pieces under ``min_faces`` faces (noise)."""
     from .mesh_rig import closest_body_points
 
     if surface.num_faces == 0:
         return surface
-    vertices = surface.vertices.astype(np.float64)
     if body.num_faces:
-        bv = body.vertices.astype(np.float64)
-        face, bary, dist = closest_body_points(vertices, bv, body.faces, k=6)
+        _, _, dist = closest_body_points(surface.vertices.astype(np.float64), body.vertices.astype(np.float64),
+                                         body.faces, k=6)
         off = dist > hide
-        if tuck > 0 and (~off).any():
-            tri = bv[body.faces[face[~off]]]
-            normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-            normal /= np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-12)
-            vertices = vertices.copy()
-            vertices[~off] = (tri * bary[~off][:, :, None]).sum(1) - tuck * normal
     else:
         off = np.ones(surface.num_vertices, bool)
-    shell = _subset(MeshData(vertices, surface.faces), off[surface.faces].any(1))  # any: the layers overlap by a face instead of leaving a gap
+    shell = _subset(surface, off[surface.faces].any(1))  # any: the layers overlap by a face instead of leaving a gap
     return drop_small_pieces(shell, min_faces)
 
 
