@@ -24,7 +24,10 @@ def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hid
     nearest surface triangle): more than ``hide`` inside the volume, it is under a garment (or a
     leg inside a skirt); more than ``hide`` outside, the photo's silhouette emptied that space (fit
     error) and the field's own surface stands elsewhere; a face whose corners all lie that far off,
-    either way, is dropped. Within ``hide`` the body stays, being the finer answer.
+    either way, is dropped. Within ``hide`` the body stays, being the finer answer. Inside
+    counts only where the nearest surface point is itself more than ``hide`` off the body (a
+    garment): the body's own inner parts (the mouth's cavity behind the lips) are as deep under
+    the surface, and dropped they opened the lips onto the inside of the head.
 
     Dropped pieces under ``min_hole`` faces are kept after all: the shell over them would be a
     piece as small, which ``shell_layer`` drops as noise, and the avatar would have a hole there,
@@ -43,7 +46,11 @@ def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hid
     normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     normal /= np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-12)
     signed = ((v - closest) * normal).sum(1)  # + outside the united volume
-    off = np.abs(signed) > hide
+    under = signed < -hide
+    if under.any():  # under a garment only if what covers it stands off the body itself
+        _, _, cover_off = closest_body_points(closest[under], v, f, k=8)
+        under[under] = cover_off > hide
+    off = under | (signed > hide)
     drop = open_face_set(f, off[f].all(1), len(v), rings)
     if drop.any() and min_hole > 1:
         piece = face_components(MeshData(v, f[drop]))
