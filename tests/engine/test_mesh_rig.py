@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import trimesh
 
-from zeroavatar_blender.engine.mesh_rig import head_part, unwrap_groups, unwrap_uv
+from zeroavatar_blender.engine.mesh_rig import absorb_islands, head_part, unwrap_groups, unwrap_uv
 from zeroavatar_blender.engine.texture import texel_surface_map
 
 
@@ -100,8 +100,6 @@ def test_islands_of_a_part_join_the_part_around_them():
     part = (centre[:, 2] > 0).astype(np.int64)  # top and bottom halves
     island = np.nonzero(part == 0)[0][5]
     part[island] = 1  # one face of the bottom labelled as the top, as interleaved labels do
-    from zeroavatar_blender.engine.mesh_rig import absorb_islands
-
     out = absorb_islands(f, part, min_faces=32)
     assert out[island] == 0
     assert (out == (centre[:, 2] > 0)).all()  # the halves themselves are large and stay

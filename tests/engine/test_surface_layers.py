@@ -6,7 +6,7 @@ import numpy as np
 import trimesh
 
 from zeroavatar_blender.engine.extract import MeshData
-from zeroavatar_blender.engine.surface_layers import body_layer, join, shell_layer
+from zeroavatar_blender.engine.surface_layers import body_layer, join, open_face_set, shell_layer
 
 
 def _sphere(radius: float, subdivisions: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +69,6 @@ def test_a_small_bulge_leaves_no_hole_in_the_body():
 
 
 def test_opening_drops_thin_strips_and_keeps_wide_regions():
-    from zeroavatar_blender.engine.surface_layers import open_face_set
-
     v, f = _sphere(0.1, 4)
     centre = v[f].mean(1)
     cap = centre[:, 2] > 0.06  # a wide region (a garment's footprint)
