@@ -211,6 +211,25 @@ def test_guided_optimise_sends_the_edited_pose(addon, fake_engine, tmp_path, ann
     assert "exit code 3" in props.error_message and "not a ZeroAvatar job folder" in props.log_tail
 
 
+def test_known_height_goes_to_the_engine_in_metres(addon, tmp_path):
+    """The Height property is a length in Blender units; the engine's --height is metres."""
+    from zeroavatar_blender.addon import operators
+
+    scene = bpy.context.scene
+    props = scene.zeroavatar
+
+    def height_arg() -> str | None:
+        args = operators.photo_job_args(bpy.context, tmp_path / "p.png", tmp_path / "job")
+        return args[args.index("--height") + 1] if "--height" in args else None
+
+    assert props.height == 0 and height_arg() is None  # not known: the engine estimates it
+    props.height = 1.8
+    assert height_arg() == "1.8000"
+    scene.unit_settings.scale_length = 0.01  # a centimetre scene: 180 units are 1.8 m
+    props.height = 180.0
+    assert height_arg() == "1.8000"
+
+
 def test_install_engine_needs_online_access(addon):
     assert bpy.app.online_access is False  # module mode: Blender's default
     with pytest.raises(RuntimeError, match="Online access is off"):
@@ -337,6 +356,7 @@ def test_generate_end_to_end_with_the_real_engine(addon, person_photo, tmp_path,
     scene = bpy.context.scene
     props = scene.zeroavatar
     props.quality = "fast"
+    props.height = 1.85  # metres (the photo's body is 1.63 m): the avatar must stand this tall
     assert bpy.ops.zeroavatar.generate(filepath=str(person_photo)) == {"FINISHED"}
     assert props.status == "RUNNING" and not bpy.ops.zeroavatar.generate.poll()
     times = pump_all(timeout=420)
@@ -358,6 +378,12 @@ def test_generate_end_to_end_with_the_real_engine(addon, person_photo, tmp_path,
         ev.data.vertices.foreach_get("co", co)
         return co.reshape(-1, 3)
 
+    arm.data.pose_position = "REST"
+    bpy.context.view_layer.update()
+    rest_z = evaluated(mesh)[:, 2] * mesh.matrix_world.to_scale()[2]
+    assert abs(float(rest_z.max() - rest_z.min()) - 1.85) < 0.02, float(rest_z.max() - rest_z.min())
+    arm.data.pose_position = "POSE"
+    bpy.context.view_layer.update()
     before = evaluated(mesh)
     bone = arm.pose.bones["upperarm01.L"] if "upperarm01.L" in arm.pose.bones else arm.pose.bones[5]
     bone.rotation_mode = "XYZ"

@@ -275,6 +275,18 @@ def test_person_number_that_does_not_exist(person, words, photos, tmp_path):
     assert_no_result(job)
 
 
+@pytest.mark.parametrize("height, words", [
+    ("175", ("--height 175", "not a person's height in metres", "--height 1.75")),
+    ("nan", ("--height nan", "in metres, between 0.5 and 2.6")),
+    ("2.55", ("cannot be 2.55 m tall", "standing height between")),  # the CLI allows it; the body cannot
+])
+def test_height_that_is_not_a_persons(height, words, photos, tmp_path):
+    job = tmp_path / "job"
+    outcome = generate(photos["person"], job, "--height", height)
+    assert_failed(outcome, protocol.EXIT_BAD_INPUT, *words)
+    assert_no_result(job)
+
+
 # -- awkward photos that must work ---------------------------------------------------------------
 def test_awkward_paths_and_a_chosen_person(photos, tmp_path):
     """Spaces, quotes and non-ASCII letters in the photo's path and in the output folder, and the

@@ -267,3 +267,49 @@ def test_bad_perception_is_a_clear_error(anny_body):
         fit_body(dataclasses.replace(perception, keypoints=perception.keypoints[:12]), anny_body)
     with pytest.raises(BadInputError, match="mask"):
         fit_body(dataclasses.replace(perception, mask=np.zeros(5, np.float32)), anny_body)
+
+
+SHORT = Case("short_near", "standing", {"height": 0.15, "age": 0.4, "gender": 0.3}, yaw_deg=5, distance=2.4, seed=14)
+
+
+def test_known_height_settles_size_and_distance(anny_body):
+    """A short person near the camera and a tall one further away give the same photo: without
+    its height the fit takes an average size, with it the body stands that tall and at the right
+    distance (the size ambiguity is most of the benchmark's MPJPE on short and tall subjects)."""
+    from tests.benchmarks.bench_fit_shape import true_height
+
+    perception, truth = make_case(anny_body, SHORT)
+    height = true_height(anny_body, truth.params.shape[0])
+    guessed = fit_body(perception, anny_body, focal_px=SHORT.focal_px, seed=SHORT.seed)
+    known = fit_body(perception, anny_body, focal_px=SHORT.focal_px, seed=SHORT.seed, height_m=height)
+    assert abs(guessed.metrics["height_m"] - height) > 0.1, (guessed.metrics["height_m"], height)
+    assert abs(known.metrics["height_m"] - height) < 0.01, (known.metrics["height_m"], height)
+    assert known.metrics["height_given_m"] == height and guessed.metrics["height_given_m"] is None
+    depth = truth.keypoints_cam[[11, 12], 2].mean()
+    assert abs(known.keypoints3d_cam[[11, 12], 2].mean() - depth) < 0.1 * depth
+    m_guessed = evaluate(anny_body, SHORT, guessed, perception, truth)
+    m_known = evaluate(anny_body, SHORT, known, perception, truth)
+    assert m_known["mpjpe_mm"] < 0.5 * m_guessed["mpjpe_mm"], (m_known, m_guessed)
+    assert m_known["iou"] > 0.9, m_known
+
+
+def test_known_height_prior_and_its_range(anny_body):
+    """The height prior moves only the values that rescale the body (not gender), reaches the
+    height asked for, and refuses one the model cannot take, naming the range it can."""
+    from zeroavatar_blender.engine.body.base import rest_height
+
+    base = P.body_prior(anny_body)
+    for height in (1.2, 1.9):
+        prior = P.prior_for_height(anny_body, height, ("proportions",))
+        moved = dict(zip(anny_body.shape_names, (prior.shape_mean - base.shape_mean).abs().tolist()))
+        assert moved["gender"] == 0 and moved["proportions"] == 0 and moved["weight"] == 0, moved
+        assert moved["height"] > 0.05, moved
+        params = anny_body.zero_params()
+        params.shape = prior.shape_mean[None]
+        with torch.no_grad():
+            assert abs(float(rest_height(anny_body.forward(params).rest_vertices)[0]) - height) < P.HEIGHT_TOLERANCE_M
+    perception, _ = make_case(anny_body, CASES["standing"])
+    with pytest.raises(BadInputError, match="cannot be 3.50 m tall") as info:
+        fit_body(perception, anny_body, iterations=4, height_m=3.5)
+    lo, hi = (float(v) for v in info.value.hint.split("between ")[1].split(" m")[0].split(" and "))
+    assert lo < 1.0 and 2.0 < hi < 3.5

@@ -58,6 +58,7 @@ class VIEW3D_PT_zeroavatar(ZeroAvatarPanel, bpy.types.Panel):
         if icon:
             layout.template_icon(icon_value=icon, scale=6.0)
         layout.prop(props, "quality")
+        layout.prop(props, "height")
         row = layout.row()
         row.scale_y = 1.6
         row.operator("zeroavatar.generate", icon="OUTLINER_OB_ARMATURE")
@@ -118,6 +119,7 @@ class VIEW3D_PT_zeroavatar_steps(ZeroAvatarPanel, bpy.types.Panel):
         props = context.scene.zeroavatar
         layout.prop(props, "photo_path")
         layout.prop(props, "person")
+        layout.prop(props, "height")
         col = layout.column(align=True)
         col.operator("zeroavatar.fit_body", text="1. Fit Body", icon="ARMATURE_DATA")
         col.operator("zeroavatar.edit_pose", text="2. Adjust Pose", icon="POSE_HLT")

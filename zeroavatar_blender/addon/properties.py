@@ -49,6 +49,10 @@ class ZeroAvatarSceneProperties(bpy.types.PropertyGroup):
     quality: EnumProperty(name="Quality", items=SCENE_QUALITY_ITEMS, default="DEFAULT")
     person: IntProperty(name="Person", description="Which person in a group photo, 1 = leftmost; 0 = the largest",
                         default=0, min=0, soft_max=20)
+    height: FloatProperty(name="Height", description="The person's standing height, if you know it: the avatar "
+                          "gets it, and the fit the right distance. 0 = estimate it (a photo cannot tell a short "
+                          "person nearby from a tall one further away)",
+                          default=0.0, min=0.0, soft_max=2.2, subtype="DISTANCE", unit="LENGTH")
 
     stage: StringProperty(name="Stage")
     message: StringProperty(name="Message")

@@ -45,7 +45,14 @@ def _add_photo_args(p: argparse.ArgumentParser) -> None:
                    help="allow loading a .pkl body model you trust with Python's pickle (default: safe loader)")
     p.add_argument("--person", type=int, default=None,
                    help="which person in a group photo, 1 = leftmost (default: the largest)")
+    _add_height_arg(p)
     p.add_argument("--seed", type=int, default=0)
+
+
+def _add_height_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=float, default=None, metavar="METRES",
+                   help="the person's standing height, if you know it (e.g. 1.75): the avatar gets it, and the fit "
+                        "the right distance (default: estimated, since a photo cannot tell size from distance)")
 
 
 def _add_optimise_args(p: argparse.ArgumentParser, default_quality: str | None) -> None:
@@ -99,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body", choices=("anny", "smpl", "smplx"), default="anny")
     p.add_argument("--body-model-path", default=None)
     p.add_argument("--allow-pickle", action="store_true")
+    _add_height_arg(p)
     p.add_argument("--seed", type=int, default=0)
     _add_optimise_args(p, "fast")
     p.add_argument("--no-export", action="store_true")
@@ -112,6 +120,9 @@ def _settings_from_args(args: argparse.Namespace, settings: JobSettings) -> JobS
         value = getattr(args, name, None)
         if value is not None and value is not False:
             setattr(settings, name, value)
+    height = getattr(args, "height", None)
+    if height is not None:
+        settings.height_m = checked_height(height)
     if getattr(args, "person", None) is not None:
         if args.person < 1:
             raise BadInputError(f"--person {args.person}: people are numbered from 1 (leftmost)", "use --person 1, 2, ...")
@@ -132,6 +143,19 @@ def _settings_from_args(args: argparse.Namespace, settings: JobSettings) -> JobS
     if overrides:
         settings.extra["optimise_overrides"] = overrides
     return settings
+
+
+HEIGHT_RANGE_M = (0.5, 2.6)
+
+
+def checked_height(height: float) -> float:
+    """A standing height in metres, or BadInputError naming the unit mistake it most likely is."""
+    lo, hi = HEIGHT_RANGE_M
+    if not lo <= height <= hi:  # NaN fails too
+        hint = (f"the height is in metres: --height {height / 100:.2f}" if 50 <= height <= 260 else
+                f"give the standing height in metres, between {lo} and {hi}")
+        raise BadInputError(f"--height {height:g} is not a person's height in metres", hint)
+    return float(height)
 
 
 def settings_for_existing_job(args: argparse.Namespace, settings: JobSettings) -> JobSettings:

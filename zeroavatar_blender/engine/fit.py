@@ -49,7 +49,7 @@ import torch
 
 from . import fit_losses as L
 from . import pose_prior as P
-from .body.base import COCO17, COCO17_MIRROR, BodyModel, BodyParams, rotvec_to_matrix
+from .body.base import COCO17, COCO17_MIRROR, BodyModel, BodyParams, rest_height, rotvec_to_matrix
 from .cameras import FRONT_VIEW_R, Camera, intrinsics, project_torch, scaled_intrinsics
 from .errors import BadInputError, NoPersonError
 
@@ -176,6 +176,10 @@ class FitConfig:
     w_tilt: float = 0.1
     tilt_min: float = 0.3
     tilt_share: float = 0.3
+    # A known standing height (fit_body's ``height_m``) holds the body's rest height within about
+    # ``sigma_height`` metres while the shape stages move the other values.
+    w_height: float = 1.0
+    sigma_height: float = 0.005
 
 
 @dataclass
@@ -206,8 +210,13 @@ def _one_thread() -> Iterator[None]:
 def fit_body(perception: Any, body: BodyModel, *, focal_px: float | None = None, iterations: int | None = None,
              on_progress: Callable[[int, int, float], None] | None = None,
              check_cancel: Callable[[], None] | None = None, seed: int = 0,
-             config: FitConfig | None = None) -> BodyFit:
+             config: FitConfig | None = None, height_m: float | None = None) -> BodyFit:
     """Fit ``body`` to a Perception (keypoints and mask in the original photo's pixels).
+
+    ``height_m``: the person's standing height when the user knows it. A photo cannot tell a short
+    person near the camera from a tall one further away, so the fit otherwise takes an average
+    size; given, the body keeps that rest height (``FitConfig.sigma_height``) and the distance
+    follows from it. BadInputError when the body model cannot stand that tall or short.
 
     ``iterations``: the pose and silhouette stages' steps together (default 120), split as in
     ``FitConfig``. ``on_progress(step, total, loss)`` and ``check_cancel()`` are called once per
@@ -216,19 +225,19 @@ def fit_body(perception: Any, body: BodyModel, *, focal_px: float | None = None,
     """
     with _one_thread():
         return _fit_body(perception, body, focal_px=focal_px, iterations=iterations, on_progress=on_progress,
-                         check_cancel=check_cancel, seed=seed, config=config)
+                         check_cancel=check_cancel, seed=seed, config=config, height_m=height_m)
 
 
 def _fit_body(perception: Any, body: BodyModel, *, focal_px: float | None, iterations: int | None,
               on_progress: Callable[[int, int, float], None] | None, check_cancel: Callable[[], None] | None,
-              seed: int, config: FitConfig | None) -> BodyFit:
+              seed: int, config: FitConfig | None, height_m: float | None) -> BodyFit:
     started = time.perf_counter()
     cfg = config or FitConfig()
     if iterations is not None:
         cfg = _split_iterations(cfg, iterations)
     kp, conf, mask, mask_scale, (W, H) = _check_perception(perception)
     dtype, device = body.dtype, body.device
-    prior = P.body_prior(body)
+    prior = _prior(body, height_m, cfg)
     K = intrinsics(W, H, focal_px)
     target = _make_target(kp, conf, K, prior, dtype, device, _keypoints3d(perception), cfg)
     total_steps = cfg.pose_iterations + cfg.shape_pre_iterations + cfg.full_iterations + cfg.shape_post_iterations
@@ -249,9 +258,22 @@ def _fit_body(perception: Any, body: BodyModel, *, focal_px: float | None, itera
     if cfg.shape_pre_iterations + cfg.full_iterations + cfg.shape_post_iterations:
         sil = L.silhouette_target(mask, mask_scale, seed=seed, dtype=dtype)
         sil.outside, sil.points, sil.signed = sil.outside.to(device), sil.points.to(device), sil.signed.to(device)
-        var = _fit_full(body, prior, target, sil, var, label, cfg, tick)
-    metrics = {"start": chosen, "starts_tried": len(starts.scores), "left_right_swapped": bool(label)}
+        var = _fit_full(body, prior, target, sil, var, label, cfg, tick, height_m)
+    metrics = {"start": chosen, "starts_tried": len(starts.scores), "left_right_swapped": bool(label),
+               "height_given_m": height_m}
     return _finish(body, var, label, target, K, (W, H), mask, mask_scale, started, step, metrics)
+
+
+def _prior(body: BodyModel, height_m: float | None, cfg: FitConfig) -> P.BodyPrior:
+    if height_m is None:
+        return P.body_prior(body)
+    try:
+        return P.prior_for_height(body, height_m, cfg.shape_held)
+    except P.HeightOutOfRange as exc:
+        lo, hi = exc.reachable
+        raise BadInputError(f"the {body.id} body cannot be {height_m:.2f} m tall",
+                            f"give a standing height between {lo:.2f} and {hi:.2f} m, or none to estimate it "
+                            "from the photo") from exc
 
 
 def _split_iterations(cfg: FitConfig, iterations: int) -> FitConfig:
@@ -587,7 +609,7 @@ def _merge_limbs(body: BodyModel, prior: P.BodyPrior, t: _Target, cfg: FitConfig
 
 
 def _fit_full(body: BodyModel, prior: P.BodyPrior, t: _Target, sil: L.SilhouetteTarget, var: _Variables,
-              label: int, cfg: FitConfig, tick: Callable[[float], None]) -> "_Variables":
+              label: int, cfg: FitConfig, tick: Callable[[float], None], height_m: float | None) -> "_Variables":
     """Stages 3a (shape), 3 (pose + shape), 3c (shape), each from where the last one ended."""
     subset = _vertex_subset(body, cfg.vertex_subset)
     kp_t, conf_t = t.kp[label:label + 1], t.conf[label:label + 1]
@@ -608,6 +630,8 @@ def _fit_full(body: BodyModel, prior: P.BodyPrior, t: _Target, sil: L.Silhouette
         if edge:
             cuv, _ = project_torch(edge[0].points(out.vertices), t.K, W2C)
             loss = loss + cfg.w_contour * L.contour_loss(cuv, sil, t.scale_px, cfg.sigma_contour)
+        if height_m is not None:
+            loss = loss + cfg.w_height * ((rest_height(out.rest_vertices) - height_m) / cfg.sigma_height).square()
         return loss.sum()
 
     def refine_shape(n: int) -> None:
@@ -798,6 +822,7 @@ def _finish(body: BodyModel, var: _Variables, lab: int, t: _Target, K: np.ndarra
         "seconds": round(time.perf_counter() - started, 3),
         "iterations": int(steps),
         "torso_px": round(t.scale_px, 2),
+        "height_m": round(float(rest_height(out.rest_vertices)[0]), 4),
         **extra,
     }
     return BodyFit(body.id, _model_path(body), params, camera, kp_cam, kp2d, metrics)

@@ -33,6 +33,7 @@ class JobSettings:
     body_model_path: str | None = None
     allow_pickle: bool = False
     person: int | None = None
+    height_m: float | None = None  # the person's standing height when the user knows it
     quality: str = "fast"
     device: str = "auto"
     steps: int | None = None
@@ -139,10 +140,13 @@ def stage_fit(job: Job, settings: JobSettings) -> None:
         job.progress("fit", step, total, loss=loss, stage_started=started)
 
     fit = fit_body(perception, body, focal_px=settings.extra.get("focal_px"), on_progress=on_progress,
-                   check_cancel=job.check_cancel, seed=settings.seed)
+                   check_cancel=job.check_cancel, seed=settings.seed, height_m=settings.height_m)
     fit.save(job.layout.fit_json)
     iou = fit.metrics.get("silhouette_iou")
-    job.info(f"Body fitted in {time.time() - started:.1f} s" + (f", silhouette IoU {iou:.2f}" if iou is not None else ""))
+    height = fit.metrics.get("height_m")
+    job.info(f"Body fitted in {time.time() - started:.1f} s" + (f", silhouette IoU {iou:.2f}" if iou is not None else "")
+             + (f", standing height {height:.2f} m ({'as given' if settings.height_m else 'estimated'})"
+                if height is not None else ""))
 
 
 def stage_optimise(job: Job, settings: JobSettings, *, resume: bool = False) -> None:

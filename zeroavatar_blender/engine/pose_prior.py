@@ -20,13 +20,15 @@ Anny does not carry the last two (yet); ``_MODEL_DEFAULTS`` holds its values mea
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .body.base import BodyModel, matrix_to_rotvec, rotvec_to_matrix
+from .body.base import BodyModel, matrix_to_rotvec, rest_height, rotvec_to_matrix
 
 # Bone freedom in radians (one standard deviation), by bone name without its side marker.
 # Anny spreads one anatomical joint over several bones; the helpers ("...02", pelvis.L/R) mostly
@@ -131,9 +133,14 @@ class BodyPrior:
     shape_std: torch.Tensor  # (S,)
     shape_bounds: tuple[float, float] | None
     rest_keypoints: torch.Tensor  # (17,3) COCO keypoints in the natural pose, default shape
+    # (S,) bool: the values that mostly rescale the whole body (Anny's age and height), whose
+    # prior _build_prior tightened to people's spread in size. None: not measured.
+    size_values: torch.Tensor | None = None
 
 
 _CACHE: "weakref.WeakKeyDictionary[BodyModel, BodyPrior]" = weakref.WeakKeyDictionary()
+_HEIGHT_CACHE: "weakref.WeakKeyDictionary[BodyModel, dict[tuple, BodyPrior]]" = weakref.WeakKeyDictionary()
+HEIGHT_TOLERANCE_M = 0.005  # how close the known-height prior's body comes to the height asked for
 
 
 def body_prior(body: BodyModel) -> BodyPrior:
@@ -143,6 +150,91 @@ def body_prior(body: BodyModel) -> BodyPrior:
         prior = _build_prior(body)
         _CACHE[body] = prior
     return prior
+
+
+class HeightOutOfRange(ValueError):
+    """No body of the model's shape space stands that tall (or that short)."""
+
+    def __init__(self, height_m: float, reachable: tuple[float, float]) -> None:
+        super().__init__(f"{height_m:.2f} m is outside the heights this body model can take "
+                         f"({reachable[0]:.2f}-{reachable[1]:.2f} m)")
+        self.height_m, self.reachable = height_m, reachable
+
+
+def prior_for_height(body: BodyModel, height_m: float, held: tuple[str, ...] = ()) -> BodyPrior:
+    """The prior of a person whose standing height is known: its shape mean moved to a body of
+    that height by the smallest change in the prior's own units (Gauss-Newton on the minimum-norm
+    step) of the values that rescale the body (``BodyPrior.size_values``; gender also changes
+    height, and the height must not decide it), and its rest keypoints, which give the fit its
+    first guess of size and distance, taken from that body. Values named in ``held`` stay. A photo cannot tell a short person near the
+    camera from a tall one further away; the height settles it. HeightOutOfRange when the model
+    cannot reach it."""
+    key = (round(float(height_m), 4), tuple(held))
+    cache = _HEIGHT_CACHE.setdefault(body, {})
+    if key not in cache:
+        cache[key] = _height_prior(body, float(height_m), held)
+    return cache[key]
+
+
+def _height_prior(body: BodyModel, height_m: float, held: tuple[str, ...]) -> BodyPrior:
+    base = body_prior(body)
+    lo, hi = base.shape_bounds if base.shape_bounds is not None else (-float("inf"), float("inf"))
+    free = torch.tensor([name not in held for name in body.shape_names], device=base.shape_std.device)
+    if base.size_values is not None and bool((free & base.size_values).any()):
+        free = free & base.size_values
+    free = free.to(base.shape_std.dtype)
+    params = body.zero_params()
+    params.pose = base.mean[None].clone()
+
+    def height_of(z: torch.Tensor) -> torch.Tensor:
+        params.shape = (base.shape_mean + z * base.shape_std).clamp(lo, hi)[None]
+        return rest_height(body.forward(params).rest_vertices)[0]
+
+    z = torch.zeros_like(base.shape_mean)
+    for _ in range(16):
+        z.requires_grad_(True)
+        h = height_of(z)
+        (grad,) = torch.autograd.grad(h, z)
+        z = z.detach()
+        err = height_m - float(h.detach())
+        if abs(err) < 0.1 * HEIGHT_TOLERANCE_M:
+            break
+        shape = base.shape_mean + z * base.shape_std
+        # Values at a bound that the step would push further out are spent: leave them there.
+        outward = ((shape <= lo + 1e-6) & (grad * err < 0)) | ((shape >= hi - 1e-6) & (grad * err > 0))
+        g = grad * free * (~outward).to(grad.dtype)
+        norm = float(g.square().sum())
+        if norm < 1e-12:
+            break
+        z = (base.shape_mean + (z + g * err / norm) * base.shape_std).clamp(lo, hi)
+        z = (z - base.shape_mean) / base.shape_std
+    with torch.no_grad():
+        params.shape = (base.shape_mean + z * base.shape_std).clamp(lo, hi)[None]
+        out = body.forward(params)
+    reached = float(rest_height(out.rest_vertices)[0])
+    if abs(reached - height_m) > HEIGHT_TOLERANCE_M:
+        raise HeightOutOfRange(height_m, _reachable_heights(body, base, held))
+    return dataclasses.replace(base, shape_mean=params.shape[0].detach().clone(),
+                               rest_keypoints=out.keypoints[0].detach().clone())
+
+
+def _reachable_heights(body: BodyModel, base: BodyPrior, held: tuple[str, ...]) -> tuple[float, float]:
+    """The shortest and tallest rest heights over the corners of the shape bounds' box (the
+    free values only; Anny's shape space is small enough to try them all)."""
+    if base.shape_bounds is None:
+        return (float("nan"), float("nan"))
+    lo, hi = base.shape_bounds
+    free = [i for i, name in enumerate(body.shape_names) if name not in held]
+    corners = torch.tensor(list(itertools.product((lo, hi), repeat=len(free))), dtype=base.shape_mean.dtype,
+                           device=base.shape_mean.device)
+    shape = base.shape_mean.expand(len(corners), -1).clone()
+    shape[:, free] = corners
+    params = body.zero_params(len(corners))
+    params.pose = base.mean.expand(len(corners), -1, -1).clone()
+    params.shape = shape
+    with torch.no_grad():
+        h = rest_height(body.forward(params).rest_vertices)
+    return float(h.min()), float(h.max())
 
 
 def _build_prior(body: BodyModel) -> BodyPrior:
@@ -174,6 +266,7 @@ def _build_prior(body: BodyModel) -> BodyPrior:
         out = body.forward(params)
     v = out.vertices
     motion = ((v[1:S + 1] - v[S + 1:]).norm(dim=-1).mean(-1) / (2 * step)).clamp_min(1e-6)  # (S,) m per unit
+    size_values = _SIZE_SPREAD_M / motion < 0.5 * shape_std
     shape_std = torch.minimum(shape_std, _SIZE_SPREAD_M / motion)
     rest_kp = out.keypoints[0]
     limits = _joint_limits(body, rest_kp, out.bone_transforms[0, :, :3, :3], frame, mean)
@@ -184,7 +277,7 @@ def _build_prior(body: BodyModel) -> BodyPrior:
         turn = rotvec_to_matrix(axis * _FLEXED_START.get(split_side(body.bone_names[b])[0], 0.0))
         flexed[b] = matrix_to_rotvec(turn @ rotvec_to_matrix(mean[b]))
     return BodyPrior(mean, inv_std, limits, flexed, _limbs(body), shape0.clone(), shape_std,
-                     tuple(bounds) if bounds is not None else None, rest_kp.clone())
+                     tuple(bounds) if bounds is not None else None, rest_kp.clone(), size_values)
 
 
 def _limbs(body: BodyModel) -> list[Limb]:

@@ -123,6 +123,14 @@ def linear_blend_skinning(rest_vertices: torch.Tensor, transforms: torch.Tensor,
     return (blended[..., :3, :3] @ rest_vertices[..., None])[..., 0] + blended[..., :3, 3]
 
 
+def rest_height(rest_vertices: torch.Tensor) -> torch.Tensor:
+    """Standing height (metres) of bodies in their rest pose: the crown-to-sole extent along Z,
+    the frame's up axis. Both Anny's and SMPL's rest poses stand straight with the arms below
+    the head. (B,V,3) -> (B,)."""
+    z = rest_vertices[..., 2]
+    return z.amax(-1) - z.amin(-1)
+
+
 def rotvec_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
     """Rodrigues with a safe small-angle branch. (..., 3) -> (..., 3, 3)."""
     theta2 = (rotvec * rotvec).sum(-1, keepdim=True)
