@@ -142,6 +142,17 @@ def merged_results(previous: Path, new: list) -> list:
     return out + list(fresh.values())
 
 
+def subject_height(case_dir: Path) -> float:
+    """The ground-truth subject's standing height in metres (its Anny body's rest height)."""
+    import torch
+
+    from tests.benchmarks.bench_fit_shape import true_height
+    from zeroavatar_blender.engine.body import load_body
+
+    shape = json.loads((case_dir / "gt.json").read_text())["spec"]["shape"]
+    return true_height(load_body("anny"), torch.tensor(shape, dtype=torch.float64))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CASES)}, standard with fewer steps")
@@ -152,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other cases' rows of the last run (OUT/results.json) and replace only these")
+    parser.add_argument("--known-height", action="store_true",
+                        help="give the engine each subject's true standing height (generate --height), as a user "
+                             "who knows it would; rows QUALITY+height in OUT/results_height.json, docs untouched")
     args = parser.parse_args(argv)
+    if args.known_height:
+        args.no_docs = True
 
     from zeroavatar_blender.engine.body import load_body
     from zeroavatar_blender.evaluation.benchmark import machine_description, run_case
@@ -169,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for folder in folders:
         jobs = {}
+        extra, variant = [], ""
+        if args.known_height:
+            extra, variant = ["--height", f"{subject_height(folder):.4f}"], "height"
         for quality in qualities:
-            r = run_case(folder, args.out / "jobs", quality, steps=None if quality == "fast" else steps)
+            r = run_case(folder, args.out / "jobs", quality, steps=None if quality == "fast" else steps,
+                         extra_args=extra, variant=variant)
             results.append(r)
             jobs[quality] = args.out / "jobs" / f"{folder.name}_{quality}"
             status = "ok" if r.ok else f"FAILED ({r.error})"
@@ -178,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_docs:
             gallery(folder, jobs, DOCS / "gallery" / f"{folder.name}.png")
     machine = machine_description()
+    name = "results_height.json" if args.known_height else "results.json"
     if args.merge:
-        results = merged_results(args.out / "results.json", results)
-    (args.out / "results.json").write_text(json.dumps({"machine": machine, "results": [r.__dict__ for r in results]}, indent=1))
+        results = merged_results(args.out / name, results)
+    (args.out / name).write_text(json.dumps({"machine": machine, "results": [r.__dict__ for r in results]}, indent=1))
+    if args.known_height:
+        print("\n".join(summary(results)))
     if not args.no_docs:
         write_report(results, machine, args.quick, DOCS / "BENCHMARKS.md", steps)
     failed = [r for r in results if not r.ok]

@@ -180,6 +180,12 @@ class FitConfig:
     # ``sigma_height`` metres while the shape stages move the other values.
     w_height: float = 1.0
     sigma_height: float = 0.005
+    # With a known height, stage 2 (which picks each limb's hypothesis) still runs on the average
+    # body, which is then grown or shrunk to the height and moved along the camera's rays by the
+    # same ratio (the same picture): the height settles size and distance, never which way a limb
+    # points. bench_fit_shape --known-height, MPJPE / PA-MPJPE means: 53.9 / 33.5 mm this way,
+    # 55.2 / 33.9 with stage 2 on the body of that height (single cases move by +-15 mm either way).
+    height_pose_at_average: bool = True
 
 
 @dataclass
@@ -253,8 +259,11 @@ def _fit_body(perception: Any, body: BodyModel, *, focal_px: float | None, itera
 
     if check_cancel is not None:
         check_cancel()
-    starts = _rigid_starts(target, prior, cfg)
-    var, label, chosen = _fit_pose(body, prior, target, starts, cfg, tick)
+    pose_prior = P.body_prior(body) if height_m is not None and cfg.height_pose_at_average else prior
+    starts = _rigid_starts(target, pose_prior, cfg)
+    var, label, chosen = _fit_pose(body, pose_prior, target, starts, cfg, tick)
+    if pose_prior is not prior:
+        var = _rescaled(body, var, pose_prior, prior)
     if cfg.shape_pre_iterations + cfg.full_iterations + cfg.shape_post_iterations:
         sil = L.silhouette_target(mask, mask_scale, seed=seed, dtype=dtype)
         sil.outside, sil.points, sil.signed = sil.outside.to(device), sil.points.to(device), sil.signed.to(device)
@@ -262,6 +271,18 @@ def _fit_body(perception: Any, body: BodyModel, *, focal_px: float | None, itera
     metrics = {"start": chosen, "starts_tried": len(starts.scores), "left_right_swapped": bool(label),
                "height_given_m": height_m}
     return _finish(body, var, label, target, K, (W, H), mask, mask_scale, started, step, metrics)
+
+
+def _rescaled(body: BodyModel, var: "_Variables", old: P.BodyPrior, new: P.BodyPrior) -> "_Variables":
+    """``var`` (at ``old``'s mean shape) moved to ``new``'s mean shape, with the body pushed along
+    the camera's rays by the ratio of their heights: a body s times as large, s times as far from
+    the camera, projects to the same picture."""
+    params = body.zero_params(2)
+    params.shape = torch.stack([old.shape_mean, new.shape_mean])
+    with torch.no_grad():
+        h = rest_height(body.forward(params).rest_vertices)
+    ratio = float(h[1] / h[0])
+    return _Variables(body, new, var.orient, var.transl * ratio, var.pose)
 
 
 def _prior(body: BodyModel, height_m: float | None, cfg: FitConfig) -> P.BodyPrior:

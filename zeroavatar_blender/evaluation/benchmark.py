@@ -175,11 +175,15 @@ def machine_description() -> dict[str, str]:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
-def run_case(case_dir: Path, out: Path, quality: str, *, steps: int | None = None, seed: int = 0) -> CaseResult:
+def run_case(case_dir: Path, out: Path, quality: str, *, steps: int | None = None, seed: int = 0,
+             extra_args: list[str] | None = None, variant: str = "") -> CaseResult:
+    """One engine run of a case and its metrics. ``variant`` names a run with ``extra_args``
+    (job folder CASE_QUALITY_VARIANT, quality label QUALITY+VARIANT)."""
     meta = json.loads((case_dir / "gt.json").read_text())
-    job = out / f"{case_dir.name}_{quality}"
-    result = CaseResult(case_dir.name, quality, meta["spec"].get("garment"), ok=False)
-    rc, wall = run_engine(case_dir / "photo.png", job, quality, steps=steps, seed=seed)
+    job = out / (f"{case_dir.name}_{quality}" + (f"_{variant}" if variant else ""))
+    label = quality + (f"+{variant}" if variant else "")
+    result = CaseResult(case_dir.name, label, meta["spec"].get("garment"), ok=False)
+    rc, wall = run_engine(case_dir / "photo.png", job, quality, steps=steps, seed=seed, extra_args=extra_args)
     events = last_run(list(protocol.iter_events(job / "events.jsonl")) if (job / "events.jsonl").exists() else [])
     result.seconds = stage_seconds(events)
     result.seconds.setdefault("total", round(wall, 3))
