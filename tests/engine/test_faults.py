@@ -117,10 +117,15 @@ def test_batch_goes_on_after_a_bad_photo(photo, tmp_path):
     bad = tmp_path / "not a photo.jpg"
     bad.write_text("hello")
     out = tmp_path / "batch"
-    rc = subprocess.run(engine("batch", str(bad), str(photo), "--out", str(out), "--no-export"), env=env(),
-                        timeout=600).returncode
+    heights = tmp_path / "heights.csv"  # the good photo's height by its file name; the bad one is not listed
+    heights.write_text(f"photo,height_m\n{photo.name},1.9\n")
+    rc = subprocess.run(engine("batch", str(bad), str(photo), "--out", str(out), "--no-export", "--heights",
+                               str(heights)), env=env(), timeout=600).returncode
     assert rc == protocol.EXIT_BAD_INPUT
     summary = json.loads((out / "batch.json").read_text())["jobs"]
     assert [s["code"] for s in summary] == [protocol.EXIT_BAD_INPUT, protocol.EXIT_OK]
+    assert [s["height_m"] for s in summary] == [None, 1.9]
     assert (out / summary[1]["job"] / "result" / "avatar.json").exists()
     assert not (out / summary[0]["job"] / "result").exists()
+    fit = json.loads((out / summary[1]["job"] / "fit.json").read_text())
+    assert abs(fit["metrics"]["height_m"] - 1.9) < 0.01

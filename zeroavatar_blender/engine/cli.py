@@ -13,6 +13,7 @@ Exit codes are protocol.EXIT_*; every run appends JSON events to JOB/events.json
 from __future__ import annotations
 
 import argparse
+import csv
 import errno
 import json
 import os
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-model-path", default=None)
     p.add_argument("--allow-pickle", action="store_true")
     _add_height_arg(p)
+    p.add_argument("--heights", type=Path, default=None, metavar="CSV",
+                   help="each person's standing height: a CSV of `photo file name,metres` rows (photos it does not "
+                        "list take --height, or are estimated)")
     p.add_argument("--seed", type=int, default=0)
     _add_optimise_args(p, "fast")
     p.add_argument("--no-export", action="store_true")
@@ -329,6 +333,35 @@ def _is_cuda_oom(exc: BaseException) -> bool:
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 
+def read_heights(path: Path) -> dict[str, float]:
+    """``--heights``: photo file name (or its name without the extension) -> standing height in
+    metres, from CSV rows ``name,metres``; a header row, blank lines and ``#`` comments are
+    skipped. BadInputError naming the line of anything else."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read the heights file {path}: {exc}", "give a UTF-8 CSV of `photo,metres` rows") from exc
+    heights: dict[str, float] = {}
+    for number, row in enumerate(csv.reader(text.splitlines()), 1):
+        cells = [c.strip() for c in row]
+        if not any(cells) or cells[0].startswith("#"):
+            continue
+        where = f"{path.name} line {number}"
+        if len(cells) != 2 or not cells[0]:
+            raise BadInputError(f"{where}: expected `photo,metres`, got {row!r}", "one photo and its height a line")
+        try:
+            value = float(cells[1])
+        except ValueError:
+            if number == 1:  # a header
+                continue
+            raise BadInputError(f"{where}: {cells[1]!r} is not a number", "heights are in metres, e.g. 1.75") from None
+        try:
+            heights[cells[0]] = checked_height(value)
+        except BadInputError as exc:
+            raise BadInputError(f"{where}: {exc.message}", exc.hint) from None
+    return heights
+
+
 def run_batch(args: argparse.Namespace) -> int:
     """One job per photo, in this process (the body model and detector load once). A photo that
     fails is reported and the batch goes on; the exit code is the first failure's, or 0."""
@@ -341,6 +374,17 @@ def run_batch(args: argparse.Namespace) -> int:
     if not photos:
         print("error: no photos given (or the folders hold none)", file=sys.stderr)
         return protocol.EXIT_BAD_INPUT
+    try:
+        heights = read_heights(args.heights) if args.heights is not None else {}
+        if args.height is not None:
+            checked_height(args.height)
+    except BadInputError as exc:
+        print(f"error: {exc.message}\n  -> {exc.hint}", file=sys.stderr)
+        return exc.code
+    unused = set(heights) - {p.name for p in photos} - {p.stem for p in photos}
+    if unused:
+        print(f"warning: {args.heights.name} lists photos not in this batch: {', '.join(sorted(unused))}",
+              file=sys.stderr)
     summary, first_failure, used = [], 0, set()
     for photo in photos:
         name = subject_name(photo)
@@ -349,10 +393,11 @@ def run_batch(args: argparse.Namespace) -> int:
         used.add(name)
         job_args = argparse.Namespace(**vars(args))
         job_args.command, job_args.photo, job_args.out, job_args.person = "generate", photo, args.out / name, None
+        job_args.height = heights.get(photo.name, heights.get(photo.stem, args.height))
         code = run(job_args)
         _release_memory()
         summary.append({"photo": str(photo), "job": name, "code": code, "status": protocol.EXIT_MEANINGS.get(code, "?"),
-                        **_process_now()})  # memory and files after each job: a leak shows here
+                        "height_m": job_args.height, **_process_now()})  # memory and files: a leak shows here
         first_failure = first_failure or code
         if code == protocol.EXIT_CANCELLED:
             break
