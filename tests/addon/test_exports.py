@@ -150,6 +150,36 @@ def test_unreal_preset_adds_root_bone(fresh_scene, anny_body, tmp_path):
     assert np.linalg.norm(posed - read_bundle(folder).posed_vertices, axis=1).max() < 1e-4
 
 
+@needs_assimp
+def test_unity_levels_of_detail(fresh_scene, anny_bundle, bundle, tmp_path):
+    """LODs: NAME_LOD0..2 in one FBX (Unity's LOD-group convention), halving the triangles, each
+    skinned to the one skeleton with its UVs, reproducing the photo's pose; the scene is as it was."""
+    arm, mesh = scene.build_avatar(anny_bundle)
+    objects = {o.name for o in bpy.data.objects}
+    path = export_presets.export_fbx(arm, mesh, tmp_path / "lod.fbx", "unity", lods=2)
+    assert {o.name for o in bpy.data.objects} == objects and len(bpy.data.meshes) == 1
+    assert [m.type for m in mesh.modifiers] == ["ARMATURE"]  # the user's mesh is untouched
+    info = assimp_info(path)
+    assert info.counts["Meshes"] == 3  # (assimp counts bones per mesh)
+    nodes = [n.split(" (")[0] for n in info.nodes if "_LOD" in n]  # Unity groups the nodes by name
+    assert nodes == [f"{mesh.name}_LOD{i}" for i in range(3)], info.nodes
+    faces = [f for _, _, _, f in info.meshes]  # in the nodes' order
+    assert faces[0] == len(bundle.faces)
+    for level in (1, 2):
+        assert abs(faces[level] / faces[0] - 0.5 ** level) < 0.05, faces
+    arms, meshes = _import(path)
+    assert len(arms) == 1 and len(meshes) == 3 and len(arms[0].data.bones) == bundle.num_bones
+    for m in meshes:
+        assert len(m.vertex_groups) > 50 and m.data.uv_layers and m.find_armature() == arms[0]
+        posed = _posed_after_import(arms[0], m)
+        d, _ = cKDTree(bundle.posed_vertices).query(posed)
+        assert np.percentile(d, 95) < 0.01, (m.name, np.percentile(d, 95))  # on the posed body, within 1 cm
+    with pytest.raises(export_presets.ExportError, match="levels of detail are for the unity preset"):
+        export_presets.export_fbx(arm, mesh, tmp_path / "u.fbx", "unreal", lods=1)
+    with pytest.raises(export_presets.ExportError, match="choose 0 to 3"):
+        export_presets.export_fbx(arm, mesh, tmp_path / "u.fbx", "unity", lods=4)
+
+
 # -- command-line jobs -------------------------------------------------------------------
 
 def _run_job(module: str, *args: str, timeout: float = 300) -> tuple[int, list[dict]]:
@@ -171,6 +201,18 @@ def test_export_avatar_job(anny_bundle, tmp_path):
     for name, event in written.items():
         assert (out / name).stat().st_size == event["bytes"] > 100_000
     assert (out / "avatar.glb").read_bytes()[:4] == b"glTF"
+
+
+@needs_assimp
+def test_export_avatar_job_levels_of_detail(anny_bundle, tmp_path):
+    """--lods reaches the Unity FBX, and so avatar.fbx (what `generate --lods` asks for)."""
+    out = tmp_path / "exports"
+    rc, lines = _run_job("zeroavatar_blender.blender_jobs.export_avatar", "--bundle", str(anny_bundle),
+                         "--out", str(out), "--presets", "unity", "--lods", "1")
+    assert rc == protocol.EXIT_OK, lines
+    for name in ("test_subject_unity.fbx", "avatar.fbx"):
+        info = assimp_info(out / name)
+        assert info.counts["Meshes"] == 2 and [n for n in info.nodes if "_LOD" in n][1].startswith("test_subject_body_LOD1")
 
 
 def test_export_avatar_job_errors(tmp_path):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from zeroavatar_blender.engine.cli import checked_height, read_heights
+from zeroavatar_blender.engine.cli import _settings_from_args, build_parser, checked_height, read_heights
 from zeroavatar_blender.engine.errors import BadInputError
+from zeroavatar_blender.engine.pipeline import JobSettings
 
 
 def test_height_in_metres_or_a_hint_at_the_unit():
@@ -42,3 +43,13 @@ def test_heights_file_errors_name_the_line(tmp_path, text, words):
 def test_unreadable_heights_file(tmp_path):
     with pytest.raises(BadInputError, match="cannot read the heights file"):
         read_heights(tmp_path / "missing.csv")
+
+
+def test_height_and_levels_of_detail_reach_the_job_settings():
+    args = build_parser().parse_args(["generate", "p.png", "--out", "job", "--height", "1.7", "--lods", "2"])
+    settings = _settings_from_args(args, JobSettings())
+    assert settings.height_m == 1.7 and settings.lods == 2
+    default = _settings_from_args(build_parser().parse_args(["generate", "p.png", "--out", "job"]), JobSettings())
+    assert default.height_m is None and default.lods == 0
+    with pytest.raises(SystemExit):  # argparse: exit 2 with the choices
+        build_parser().parse_args(["finalise", "job", "--lods", "4"])

@@ -3,6 +3,8 @@
 Presets:
   unity   FBX, metres with "FBX Units Scale" applied to all (Unity imports at scale 1, no
           100x root), -Z forward / Y up, deform bones only, the photo's pose as a one-frame take.
+          Optionally levels of detail: the mesh at full, 1/2, 1/4, ... of its triangles, named
+          NAME_LOD0, NAME_LOD1, ... (Unity's importer makes a LOD Group of them), all skinned.
   unreal  FBX in centimetres (the avatar is ~170 units tall), a single root bone named "root"
           (added when the skeleton lacks one), the armature node named "Armature" (Unreal's
           importer drops that node instead of making it an extra bone).
@@ -25,6 +27,8 @@ import bpy
 from mathutils import Vector
 
 PRESETS = ("unity", "unreal", "godot", "gltf")
+LOD_PRESETS = ("unity",)  # whose importer builds a LOD group from NAME_LOD0, NAME_LOD1, ... meshes
+MAX_LODS = 3  # levels beyond LOD0, each half the triangles of the one before
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,45 @@ def _action_frame_range(scene: bpy.types.Scene, armature: bpy.types.Object) -> I
 
 
 @contextmanager
+def _lod_copies(armature: bpy.types.Object, mesh: bpy.types.Object, levels: int) -> Iterator[list[bpy.types.Object]]:
+    """Temporary copies of ``mesh`` named NAME_LOD0..NAME_LODn, level i decimated (collapse, which
+    keeps UVs and interpolates the vertex-group weights) to 2**-i of the triangles before the
+    armature deforms it; the user's objects are never edited. Yields the meshes to export."""
+    if levels <= 0:
+        yield [mesh]
+        return
+    collection = bpy.context.scene.collection
+    copies: list[bpy.types.Object] = []
+    clashes: list[tuple[bpy.types.Object, str]] = []
+    try:
+        for level in range(levels + 1):
+            name = f"{mesh.name}_LOD{level}"
+            clash = bpy.data.objects.get(name)
+            if clash is not None:  # Unity needs the exact names: move a same-named object aside
+                clashes.append((clash, clash.name))
+                clash.name = clash.name + "_zeroavatar_tmp"
+            copy = mesh.copy()  # shares the mesh data; the modifiers are the copy's own
+            copy.name = name
+            collection.objects.link(copy)
+            copies.append(copy)
+            copy.parent = armature
+            copy.matrix_parent_inverse = mesh.matrix_parent_inverse.copy()
+            if level:
+                mod = copy.modifiers.new("ZeroAvatar LOD", "DECIMATE")
+                mod.decimate_type = "COLLAPSE"
+                mod.ratio = 0.5 ** level
+                mod.use_collapse_triangulate = True
+                copy.modifiers.move(copy.modifiers.find(mod.name), 0)  # decimate the rest shape, then deform
+        bpy.context.view_layer.update()
+        yield copies
+    finally:
+        for copy in copies:
+            bpy.data.objects.remove(copy)
+        for clash, name in clashes:
+            clash.name = name
+
+
+@contextmanager
 def _unreal_copies(armature: bpy.types.Object, mesh: bpy.types.Object, preset: FbxPreset) -> Iterator[tuple]:
     """Temporary copies with a single root bone and the armature node named for Unreal; the
     user's objects are never edited. Yields (armature, mesh) to export."""
@@ -239,22 +282,35 @@ def _add_root_bone(armature: bpy.types.Object, name: str, children: list[str]) -
         bpy.ops.object.mode_set(mode="OBJECT")
 
 
-def export_fbx(armature: bpy.types.Object, mesh: bpy.types.Object, path: Path | str, preset: str = "unity") -> Path:
-    """Write an FBX for a game engine (see the module docstring for the presets)."""
+def export_fbx(armature: bpy.types.Object, mesh: bpy.types.Object, path: Path | str, preset: str = "unity",
+               lods: int = 0) -> Path:
+    """Write an FBX for a game engine (see the module docstring for the presets). ``lods``: levels
+    of detail beyond the full mesh (Unity preset only)."""
     if preset not in FBX_PRESETS:
         raise ExportError(f"unknown FBX preset {preset!r}; choose one of {sorted(FBX_PRESETS)}")
+    check_lods(preset, lods)
     _check_objects(armature, mesh)
     spec = FBX_PRESETS[preset]
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     scene = bpy.context.scene
     with _user_state([armature, mesh]), _unreal_copies(armature, mesh, spec) as (arm, me), \
-            _action_frame_range(scene, arm):
-        _select_only([arm, me])
+            _lod_copies(arm, me, lods) as meshes, _action_frame_range(scene, arm):
+        _select_only([arm, *meshes])
         result = bpy.ops.export_scene.fbx(filepath=str(path), **spec.options)
     if "FINISHED" not in result or not path.is_file():
         raise ExportError(f"Blender's FBX exporter did not write {path} ({result})")
     return path
+
+
+def check_lods(preset: str, lods: int) -> None:
+    """ExportError unless ``lods`` levels make sense for ``preset``."""
+    if not 0 <= int(lods) <= MAX_LODS:
+        raise ExportError(f"{lods} levels of detail: choose 0 to {MAX_LODS}")
+    if lods and preset not in LOD_PRESETS:
+        raise ExportError(f"levels of detail are for the {', '.join(LOD_PRESETS)} preset (its importer groups "
+                          f"NAME_LOD0, NAME_LOD1, ... meshes); {preset} would import them as separate meshes. "
+                          "Unreal and Godot build LODs on import")
 
 
 def export_glb(armature: bpy.types.Object, mesh: bpy.types.Object, path: Path | str) -> Path:
@@ -273,11 +329,12 @@ def export_glb(armature: bpy.types.Object, mesh: bpy.types.Object, path: Path | 
 
 
 def export_preset(armature: bpy.types.Object, mesh: bpy.types.Object, out_dir: Path | str, preset: str,
-                  subject: str) -> Path:
-    """Export one preset into ``out_dir`` under its conventional file name."""
+                  subject: str, lods: int = 0) -> Path:
+    """Export one preset into ``out_dir`` under its conventional file name (``lods`` levels of
+    detail where the preset takes them, see LOD_PRESETS)."""
     if preset not in PRESETS:
         raise ExportError(f"unknown export preset {preset!r}; choose from {', '.join(PRESETS)}")
     path = Path(out_dir) / preset_filename(subject, preset)
     if preset == "gltf":
         return export_glb(armature, mesh, path)
-    return export_fbx(armature, mesh, path, preset)
+    return export_fbx(armature, mesh, path, preset, lods if preset in LOD_PRESETS else 0)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import bpy
-from bpy.props import EnumProperty, StringProperty
+from bpy.props import EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper
 
 from . import client, jobs
@@ -382,6 +382,8 @@ class ZEROAVATAR_OT_export_fbx(bpy.types.Operator, ExportHelper):
     filename_ext = ".fbx"
     filter_glob: StringProperty(default="*.fbx", options={"HIDDEN"})
     preset: EnumProperty(name="Preset", items=EXPORT_PRESET_ITEMS, default="unity")
+    lods: IntProperty(name="LODs", description="Levels of detail beyond the full mesh (Unity preset)",
+                      default=0, min=0, max=3)
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
@@ -389,6 +391,7 @@ class ZEROAVATAR_OT_export_fbx(bpy.types.Operator, ExportHelper):
 
     def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
         self.preset = scene_props(context).export_preset
+        self.lods = scene_props(context).export_lods if self.preset == "unity" else 0
         return ExportHelper.invoke(self, context, event)
 
     def execute(self, context: bpy.types.Context) -> set[str]:
@@ -396,7 +399,7 @@ class ZEROAVATAR_OT_export_fbx(bpy.types.Operator, ExportHelper):
 
         props = scene_props(context)
         try:
-            export_presets.export_fbx(props.armature, props.mesh, Path(self.filepath), self.preset)
+            export_presets.export_fbx(props.armature, props.mesh, Path(self.filepath), self.preset, self.lods)
         except Exception as exc:  # noqa: BLE001 - the exporter's own errors, shown to the user
             self.report({"ERROR"}, f"FBX export failed: {exc}")
             return {"CANCELLED"}

@@ -137,8 +137,11 @@ class VIEW3D_PT_zeroavatar_export(ZeroAvatarPanel, bpy.types.Panel):
         layout = self.layout
         props = context.scene.zeroavatar
         layout.prop(props, "export_preset")
+        if props.export_preset == "unity":
+            layout.prop(props, "export_lods")
         op = layout.operator("zeroavatar.export_fbx", icon="EXPORT")
         op.preset = props.export_preset
+        op.lods = props.export_lods if props.export_preset == "unity" else 0
         layout.operator("zeroavatar.export_gltf", icon="EXPORT")
 
 

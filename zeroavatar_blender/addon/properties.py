@@ -77,6 +77,9 @@ class ZeroAvatarSceneProperties(bpy.types.PropertyGroup):
     preview: PointerProperty(name="Preview", type=bpy.types.Object, poll=_is_mesh)
     camera: PointerProperty(name="Photo Camera", type=bpy.types.Object)
     export_preset: EnumProperty(name="Preset", items=EXPORT_PRESET_ITEMS, default="unity")
+    export_lods: IntProperty(name="LODs", description="Levels of detail beyond the full mesh, each half the "
+                             "triangles of the one before (NAME_LOD0, NAME_LOD1, ...: Unity makes a LOD Group)",
+                             default=0, min=0, max=3)
 
 
 CLASSES = (ZeroAvatarSceneProperties,)

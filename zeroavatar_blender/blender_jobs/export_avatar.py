@@ -1,12 +1,13 @@
 """Export an avatar bundle for game engines, headless, with Blender's own exporters.
 
     python -m zeroavatar_blender.blender_jobs.export_avatar --bundle DIR --out DIR \\
-        [--presets unity,unreal,godot,gltf] [--name SUBJECT] [--blend]
+        [--presets unity,unreal,godot,gltf] [--name SUBJECT] [--lods N] [--blend]
 
 Runs where the ``bpy`` module is installed (the engine's environment has it). Builds the avatar
 in a fresh empty scene, then writes avatar.glb and avatar.fbx (the Unity/generic FBX) plus one
 file per preset named after the subject (<subject>.glb, <subject>_unity.fbx, ...; ``--name``
-overrides the bundle's subject, as the engine's export stage does). Prints one
+overrides the bundle's subject, as the engine's export stage does; ``--lods`` adds levels of detail to
+the Unity FBX, and so to avatar.fbx). Prints one
 JSON object a line: an ``export`` event per file, then ``done`` (or ``error``); the exit codes
 are the engine's (protocol.EXIT_*).
 """
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated, from {','.join(PRESETS)} (default: all)")
     parser.add_argument("--name", default=None,
                         help="subject name for the files and objects (default: the bundle's subject)")
+    parser.add_argument("--lods", type=int, default=0, choices=range(0, 4), metavar="{0..3}",
+                        help="levels of detail in the Unity FBX (NAME_LOD0..N, each half the triangles)")
     parser.add_argument("--blend", action="store_true", help="also save avatar.blend (texture packed)")
     args = parser.parse_args(argv)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
@@ -65,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def export_all(bundle_dir: Path, out_dir: Path, presets: list[str], save_blend: bool = False,
-               name: str | None = None) -> list[dict[str, Any]]:
+               name: str | None = None, lods: int = 0) -> list[dict[str, Any]]:
     """Build the avatar in a fresh scene and write every file; returns what was written."""
     import bpy
 
@@ -87,7 +90,7 @@ def export_all(bundle_dir: Path, out_dir: Path, presets: list[str], save_blend: 
     out_dir.mkdir(parents=True, exist_ok=True)
     for preset in presets:
         t0 = time.perf_counter()
-        path = export_presets.export_preset(armature, mesh, out_dir, preset, subject)
+        path = export_presets.export_preset(armature, mesh, out_dir, preset, subject, lods)
         record("glb" if preset == "gltf" else "fbx", preset, path, t0)
     # The fixed names the job folder promises (protocol/ARCHITECTURE: exports/avatar.glb, avatar.fbx).
     for fixed, fmt, preset in (("avatar.glb", "glb", "gltf"), ("avatar.fbx", "fbx", "unity")):
@@ -97,7 +100,7 @@ def export_all(bundle_dir: Path, out_dir: Path, presets: list[str], save_blend: 
         if preset in presets and source != target:
             shutil.copyfile(source, target)
         elif source != target:
-            export_presets.export_preset(armature, mesh, out_dir, preset, subject)
+            export_presets.export_preset(armature, mesh, out_dir, preset, subject, lods)
             shutil.move(source, target)
         record(fmt, preset, target, t0)
     if save_blend:
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..addon.export_presets import ExportError
 
     try:
-        written = export_all(args.bundle, args.out, args.presets, args.blend, args.name)
+        written = export_all(args.bundle, args.out, args.presets, args.blend, args.name, args.lods)
     except BundleError as exc:
         emit("error", code=protocol.EXIT_BAD_INPUT, message=str(exc))
         return protocol.EXIT_BAD_INPUT

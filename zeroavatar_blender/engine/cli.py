@@ -50,6 +50,12 @@ def _add_photo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_lods_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lods", type=int, default=None, choices=range(0, 4), metavar="{0..3}",
+                   help="levels of detail in the Unity FBX (exports/avatar.fbx): NAME_LOD0..N, each half the "
+                        "triangles of the one before; Unity makes a LOD Group of them (default 0)")
+
+
 def _add_height_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=float, default=None, metavar="METRES",
                    help="the person's standing height, if you know it (e.g. 1.75): the avatar gets it, and the fit "
@@ -86,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_photo_args(p)
     _add_optimise_args(p, "fast")
     p.add_argument("--no-export", action="store_true", help="write the avatar bundle only (no FBX/GLB)")
+    _add_lods_arg(p)
     _add_common(p)
     p = sub.add_parser("fit", help="perception and body fit only")
     _add_photo_args(p)
@@ -97,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finalise", aliases=["finalize"], help="build the avatar bundle and exports of a job")
     p.add_argument("job", type=Path)
     p.add_argument("--no-export", action="store_true")
+    _add_lods_arg(p)
     _add_reuse_args(p)
     p = sub.add_parser("resume", help="continue an interrupted job from its last checkpoint")
     p.add_argument("job", type=Path)
@@ -114,13 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_optimise_args(p, "fast")
     p.add_argument("--no-export", action="store_true")
+    _add_lods_arg(p)
     _add_common(p)
     return parser
 
 
 def _settings_from_args(args: argparse.Namespace, settings: JobSettings) -> JobSettings:
     for name in ("body", "body_model_path", "allow_pickle", "seed", "quality", "steps", "prompt", "sd_weights",
-                 "controlnet_weights", "texture_size", "device"):
+                 "controlnet_weights", "texture_size", "device", "lods"):
         value = getattr(args, name, None)
         if value is not None and value is not False:
             setattr(settings, name, value)

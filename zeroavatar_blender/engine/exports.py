@@ -42,6 +42,8 @@ def export_bundle(job: Job, settings: JobSettings, timeout: float = 900) -> Iter
     env["PYTHONPATH"] = str(PACKAGE_PARENT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [python, "-m", "zeroavatar_blender.blender_jobs.export_avatar", "--bundle", str(job.layout.result),
            "--out", str(job.layout.exports), "--name", settings.subject]
+    if settings.lods:
+        cmd += ["--lods", str(settings.lods)]
     log = job.root / "export.log"
     with open(log, "wb") as err:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, env=env, timeout=timeout, cwd=job.root)

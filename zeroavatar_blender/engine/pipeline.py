@@ -43,6 +43,7 @@ class JobSettings:
     controlnet_weights: str | None = None
     texture_size: int = 1024
     export: bool = True
+    lods: int = 0  # levels of detail in the Unity FBX (avatar.fbx)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, job: Job) -> None:
