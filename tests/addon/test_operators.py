@@ -337,6 +337,14 @@ def test_panels_draw_every_state(addon, fake_engine, tmp_path, anny_bundle):
     for cls in every_panel:
         draw(cls, ctx)
 
+    props.mesh = bpy.data.objects.new("avatar", bpy.data.meshes.new("avatar"))
+    props.avatar_height, props.height_estimated = 1.62, True
+    labels = " ".join(str(e[2].get("text")) for e in draw(panels.VIEW3D_PT_zeroavatar, ctx) if e[0] == "label")
+    assert "Avatar height 1.62 m" in labels and "set Height" in labels
+    props.height_estimated = False  # given by the user: no advice
+    labels = " ".join(str(e[2].get("text")) for e in draw(panels.VIEW3D_PT_zeroavatar, ctx) if e[0] == "label")
+    assert "Avatar height 1.62 m" in labels and "set Height" not in labels
+
 
 # -- end to end with the real engine ------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -364,6 +372,7 @@ def test_generate_end_to_end_with_the_real_engine(addon, person_photo, tmp_path,
     print(f"\npoll_all: {len(times)} calls, median {np.median(times) * 1e3:.2f} ms, "
           f"max {max(times) * 1e3:.1f} ms (the call that built the avatar)")
     arm, mesh = props.armature, props.mesh
+    assert abs(props.avatar_height - 1.85) < 0.01 and not props.height_estimated  # the panel shows it
     assert arm.type == "ARMATURE" and len(arm.data.bones) > 50
     assert mesh.type == "MESH" and len(mesh.data.vertices) > 10000
     assert any(m.type == "ARMATURE" and m.object == arm for m in mesh.modifiers)

@@ -247,6 +247,7 @@ def _build_result(scene: bpy.types.Scene, job: ActiveJob, event: dict[str, Any])
     for obj in (armature, mesh):
         obj["zeroavatar_job"] = str(job.client.job_dir)
     props.armature, props.mesh = armature, mesh
+    props.avatar_height, props.height_estimated = fitted_height(job.client.job_dir)
     job.built = True
     if props.preview is not None:
         preview = props.preview
@@ -255,6 +256,17 @@ def _build_result(scene: bpy.types.Scene, job: ActiveJob, event: dict[str, Any])
     camera = props.camera
     if fitted_body or (camera is not None and camera.get("zeroavatar_job") == str(job.client.job_dir)):
         _add_camera(scene, job, event["_path"])  # a later bundle of the job has its own frame: follow it
+
+
+def fitted_height(job_dir: Path) -> tuple[float, bool]:
+    """The job's fitted standing height in metres (0 when unknown) and whether it was estimated
+    rather than given by the user, from fit.json."""
+    try:
+        metrics = json.loads(protocol.JobLayout(job_dir).fit_json.read_text(encoding="utf-8")).get("metrics") or {}
+        height = float(metrics.get("height_m") or 0.0)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0.0, False
+    return height, height > 0 and not metrics.get("height_given_m")
 
 
 def _add_camera(scene: bpy.types.Scene, job: ActiveJob, bundle_dir: Path) -> None:

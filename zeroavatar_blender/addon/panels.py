@@ -70,8 +70,21 @@ class VIEW3D_PT_zeroavatar(ZeroAvatarPanel, bpy.types.Panel):
             layout.label(text=props.message, icon="CHECKMARK" if props.status == "DONE" else "INFO")
             if props.status != "DONE":
                 layout.operator("zeroavatar.resume", icon="PLAY")
+        if props.mesh is not None and props.avatar_height > 0:
+            draw_height(layout, props, context.scene, _width(context))
         if props.error_message:
             draw_error(layout, props, _width(context))
+
+
+def draw_height(layout: bpy.types.UILayout, props: Any, scene: bpy.types.Scene, width: int) -> None:
+    """The avatar's standing height; an estimate says so, since a photo cannot tell size from
+    distance and the user may know better."""
+    system = scene.unit_settings.system if scene.unit_settings.system != "NONE" else "METRIC"
+    text = f"Avatar height {bpy.utils.units.to_string(system, 'LENGTH', props.avatar_height, precision=3)}"
+    if props.height_estimated:
+        wrap(layout, text + " (estimated from the photo: set Height above if you know it)", width, icon="INFO")
+    else:
+        layout.label(text=text, icon="EMPTY_SINGLE_ARROW")
 
 
 def draw_progress(layout: bpy.types.UILayout, props: Any) -> None:

@@ -72,6 +72,10 @@ class ZeroAvatarSceneProperties(bpy.types.PropertyGroup):
     garbage_lines: IntProperty(name="Unreadable Event Lines")
 
     avatar_name: StringProperty(name="Avatar Name")
+    avatar_height: FloatProperty(name="Avatar Height", description="The fitted body's standing height in metres "
+                                 "(0: not known)", default=0.0, min=0.0)
+    height_estimated: BoolProperty(name="Height Estimated",
+                                   description="The avatar's height was guessed from the photo, not given")
     armature: PointerProperty(name="Armature", type=bpy.types.Object, poll=_is_armature)
     mesh: PointerProperty(name="Mesh", type=bpy.types.Object, poll=_is_mesh)
     preview: PointerProperty(name="Preview", type=bpy.types.Object, poll=_is_mesh)
