@@ -337,3 +337,18 @@ def test_converter_runs_as_a_module(tmp_path, files):
 def test_params_are_the_base_dataclass(body):
     p = body.zero_params(3)
     assert isinstance(p, BodyParams) and p.pose.shape == (3, body.num_bones, 3) and p.shape.shape == (3, 10)
+
+
+def test_known_height_prior_reaches_the_height(body):
+    """The fit's known-height prior works through the body interface alone (no Anny names)."""
+    from zeroavatar_blender.engine import pose_prior as P
+    from zeroavatar_blender.engine.body.base import rest_height
+
+    with torch.no_grad():
+        h0 = float(rest_height(body.forward(body.zero_params()).rest_vertices)[0])
+    for ratio in (0.95, 1.08):
+        prior = P.prior_for_height(body, ratio * h0)
+        p = body.zero_params()
+        p.shape = prior.shape_mean[None]
+        with torch.no_grad():
+            assert abs(float(rest_height(body.forward(p).rest_vertices)[0]) - ratio * h0) < P.HEIGHT_TOLERANCE_M
