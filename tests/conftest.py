@@ -17,6 +17,22 @@ for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
     os.environ[var] = "1"
 
 
+@pytest.fixture(autouse=True)
+def _seeded_random():
+    """Every test draws the same random numbers on every run (torch's, NumPy's legacy global and
+    Python's generators; tests that need other draws make their own generator), so a tolerance
+    that a rare draw exceeds fails every time, where it can be looked at, not once in a while
+    (an unseeded 2000-point draw once failed the SDF grid's distance bound by 7 %)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def anny_body():
     from zeroavatar_blender.engine.body import load_body

@@ -291,10 +291,10 @@ def _prior(body: BodyModel, height_m: float | None, cfg: FitConfig) -> P.BodyPri
     try:
         return P.prior_for_height(body, height_m, cfg.shape_held)
     except P.HeightOutOfRange as exc:
-        lo, hi = exc.reachable
+        span = (f"between {exc.reachable[0]:.2f} and {exc.reachable[1]:.2f} m" if exc.reachable is not None else
+                "this body model can take")
         raise BadInputError(f"the {body.id} body cannot be {height_m:.2f} m tall",
-                            f"give a standing height between {lo:.2f} and {hi:.2f} m, or none to estimate it "
-                            "from the photo") from exc
+                            f"give a standing height {span}, or none to estimate it from the photo") from exc
 
 
 def _split_iterations(cfg: FitConfig, iterations: int) -> FitConfig:

@@ -155,9 +155,9 @@ def body_prior(body: BodyModel) -> BodyPrior:
 class HeightOutOfRange(ValueError):
     """No body of the model's shape space stands that tall (or that short)."""
 
-    def __init__(self, height_m: float, reachable: tuple[float, float]) -> None:
-        super().__init__(f"{height_m:.2f} m is outside the heights this body model can take "
-                         f"({reachable[0]:.2f}-{reachable[1]:.2f} m)")
+    def __init__(self, height_m: float, reachable: tuple[float, float] | None) -> None:
+        span = f" ({reachable[0]:.2f}-{reachable[1]:.2f} m)" if reachable is not None else ""
+        super().__init__(f"{height_m:.2f} m is outside the heights this body model can take{span}")
         self.height_m, self.reachable = height_m, reachable
 
 
@@ -166,9 +166,9 @@ def prior_for_height(body: BodyModel, height_m: float, held: tuple[str, ...] = (
     that height by the smallest change in the prior's own units (Gauss-Newton on the minimum-norm
     step) of the values that rescale the body (``BodyPrior.size_values``; gender also changes
     height, and the height must not decide it), and its rest keypoints, which give the fit its
-    first guess of size and distance, taken from that body. Values named in ``held`` stay. A photo cannot tell a short person near the
-    camera from a tall one further away; the height settles it. HeightOutOfRange when the model
-    cannot reach it."""
+    first guess of size and distance, taken from that body. Values named in ``held`` stay. A
+    photo cannot tell a short person near the camera from a tall one further away; the height
+    settles it. HeightOutOfRange when the model cannot reach it."""
     key = (round(float(height_m), 4), tuple(held))
     cache = _HEIGHT_CACHE.setdefault(body, {})
     if key not in cache:
@@ -179,10 +179,7 @@ def prior_for_height(body: BodyModel, height_m: float, held: tuple[str, ...] = (
 def _height_prior(body: BodyModel, height_m: float, held: tuple[str, ...]) -> BodyPrior:
     base = body_prior(body)
     lo, hi = base.shape_bounds if base.shape_bounds is not None else (-float("inf"), float("inf"))
-    free = torch.tensor([name not in held for name in body.shape_names], device=base.shape_std.device)
-    if base.size_values is not None and bool((free & base.size_values).any()):
-        free = free & base.size_values
-    free = free.to(base.shape_std.dtype)
+    free = _height_values(body, base, held).to(base.shape_std.dtype)
     params = body.zero_params()
     params.pose = base.mean[None].clone()
 
@@ -218,13 +215,21 @@ def _height_prior(body: BodyModel, height_m: float, held: tuple[str, ...]) -> Bo
                                rest_keypoints=out.keypoints[0].detach().clone())
 
 
-def _reachable_heights(body: BodyModel, base: BodyPrior, held: tuple[str, ...]) -> tuple[float, float]:
-    """The shortest and tallest rest heights over the corners of the shape bounds' box (the
-    free values only; Anny's shape space is small enough to try them all)."""
+def _height_values(body: BodyModel, base: BodyPrior, held: tuple[str, ...]) -> torch.Tensor:
+    """(S,) bool: the shape values a known height may move."""
+    free = torch.tensor([name not in held for name in body.shape_names], device=base.shape_std.device)
+    if base.size_values is not None and bool((free & base.size_values).any()):
+        free = free & base.size_values
+    return free
+
+
+def _reachable_heights(body: BodyModel, base: BodyPrior, held: tuple[str, ...]) -> tuple[float, float] | None:
+    """The shortest and tallest rest heights over the corners of the shape bounds' box in the
+    values a height may move (a handful: all corners are tried); None for an unbounded space."""
     if base.shape_bounds is None:
-        return (float("nan"), float("nan"))
+        return None
     lo, hi = base.shape_bounds
-    free = [i for i, name in enumerate(body.shape_names) if name not in held]
+    free = torch.nonzero(_height_values(body, base, held)).flatten().tolist()
     corners = torch.tensor(list(itertools.product((lo, hi), repeat=len(free))), dtype=base.shape_mean.dtype,
                            device=base.shape_mean.device)
     shape = base.shape_mean.expand(len(corners), -1).clone()

@@ -31,12 +31,14 @@ def exact_winding(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray, c
 def test_sphere_sdf_matches_closed_form():
     sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.3)
     grid = body_sdf_grid(sphere.vertices, sphere.faces, resolution=64, padding=0.1)
-    x = torch.rand(2000, 3) * 0.8 - 0.4
+    x = torch.rand(2000, 3, generator=torch.Generator().manual_seed(0)) * 0.8 - 0.4
     expected = x.norm(dim=-1) - 0.3
     err = (grid(x) - expected).abs()
     band = expected.abs() < 3 * grid.spacing  # where the density is decided: dense surface samples
     assert err[band].max().item() < 3e-3, err[band].max().item()
-    assert err[~band].max().item() < 0.6 * grid.spacing, err[~band].max().item()  # distance-transform side
+    # The distance-transform side: at most 0.64 of a cell over 400k random points (an unseeded
+    # draw of 2000 once reached 0.641 against a bound of 0.6).
+    assert err[~band].max().item() < 0.7 * grid.spacing, err[~band].max().item()
     assert err.mean().item() < 2e-3
     assert grid(torch.zeros(1, 3)).item() == pytest.approx(-0.3, abs=3e-3)
 
