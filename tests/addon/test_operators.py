@@ -343,7 +343,13 @@ def test_panels_draw_every_state(addon, fake_engine, tmp_path, anny_bundle):
     assert "Avatar height 1.62 m" in labels and "set Height" in labels
     props.height_estimated = False  # given by the user: no advice
     labels = " ".join(str(e[2].get("text")) for e in draw(panels.VIEW3D_PT_zeroavatar, ctx) if e[0] == "label")
-    assert "Avatar height 1.62 m" in labels and "set Height" not in labels
+    assert "Avatar height 1.62 m" in labels and "set Height" not in labels and "again" not in labels
+    props.height = 1.8  # changed after the fit: the avatar does not have it yet
+    labels = " ".join(str(e[2].get("text")) for e in draw(panels.VIEW3D_PT_zeroavatar, ctx) if e[0] == "label")
+    assert "Height is now 1.8 m" in labels and "fit the body again" in labels
+    props.height = 1.62
+    labels = " ".join(str(e[2].get("text")) for e in draw(panels.VIEW3D_PT_zeroavatar, ctx) if e[0] == "label")
+    assert "again" not in labels
 
 
 # -- end to end with the real engine ------------------------------------------------------------

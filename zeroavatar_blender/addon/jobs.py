@@ -258,6 +258,12 @@ def _build_result(scene: bpy.types.Scene, job: ActiveJob, event: dict[str, Any])
         _add_camera(scene, job, event["_path"])  # a later bundle of the job has its own frame: follow it
 
 
+def height_in_metres(value: float, scale_length: float) -> float | None:
+    """The Height property in metres (a length property holds Blender units, each
+    ``scale_length`` metres), None when it is 0: not known."""
+    return value * (scale_length or 1.0) if value > 0 else None
+
+
 def fitted_height(job_dir: Path) -> tuple[float, bool]:
     """The job's fitted standing height in metres (0 when unknown) and whether it was estimated
     rather than given by the user, from fit.json."""

@@ -93,16 +93,10 @@ def photo_job_args(context: bpy.types.Context, photo: Path, job: Path) -> list[s
     args = [str(photo), "--out", str(job), *body_args(prefs), "--device", prefs.device, "--progress", "none"]
     if props.person > 0:
         args += ["--person", str(props.person)]
-    height_m = height_in_metres(props.height, context.scene.unit_settings.scale_length)
+    height_m = jobs.height_in_metres(props.height, context.scene.unit_settings.scale_length)
     if height_m is not None:
         args += ["--height", f"{height_m:.4f}"]
     return args
-
-
-def height_in_metres(value: float, scale_length: float) -> float | None:
-    """The Height property in metres (a length property holds Blender units, each
-    ``scale_length`` metres), None when it is 0: not known."""
-    return value * (scale_length or 1.0) if value > 0 else None
 
 
 def extra_engine_args() -> list[str]:

@@ -80,8 +80,16 @@ def draw_height(layout: bpy.types.UILayout, props: Any, scene: bpy.types.Scene, 
     """The avatar's standing height; an estimate says so, since a photo cannot tell size from
     distance and the user may know better."""
     system = scene.unit_settings.system if scene.unit_settings.system != "NONE" else "METRIC"
-    text = f"Avatar height {bpy.utils.units.to_string(system, 'LENGTH', props.avatar_height, precision=3)}"
-    if props.height_estimated:
+
+    def length(metres: float) -> str:
+        return bpy.utils.units.to_string(system, "LENGTH", metres, precision=3)
+
+    asked = jobs.height_in_metres(props.height, scene.unit_settings.scale_length)
+    text = f"Avatar height {length(props.avatar_height)}"
+    if asked is not None and (props.height_estimated or abs(asked - props.avatar_height) > 0.01):
+        wrap(layout, f"{text}: Height is now {length(asked)}; fit the body again (or generate) to use it",
+             width, icon="ERROR")
+    elif props.height_estimated:
         wrap(layout, text + " (estimated from the photo: set Height above if you know it)", width, icon="INFO")
     else:
         layout.label(text=text, icon="EMPTY_SINGLE_ARROW")
