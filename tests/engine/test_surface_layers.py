@@ -90,3 +90,38 @@ def test_the_bodys_inner_parts_stay_unless_a_garment_covers_them():
     assert kept.num_faces == len(body_f)
     coat_v, coat_f = _sphere(0.13, 3)  # a garment all round: both are under it
     assert body_layer(body_v, body_f, MeshData(coat_v, coat_f), hide=0.01).num_faces == 0
+
+
+def _bumped(radius: float, subdivisions: int, bumps: list[tuple[np.ndarray, float, float]]) -> MeshData:
+    """A sphere with bumps: (direction, angular radius in radians, height in metres) each."""
+    v, f = _sphere(radius, subdivisions)
+    unit = v / np.linalg.norm(v, axis=1, keepdims=True)
+    for direction, width, height in bumps:
+        angle = np.arccos(np.clip(unit @ (direction / np.linalg.norm(direction)), -1, 1))
+        v += unit * (height * (angle < width))[:, None]
+    return MeshData(v, f)
+
+
+def test_a_flap_goes_and_the_body_under_it_stays():
+    """A small patch of the surface 1.5 cm off the body (a crease the blur bridged) is a flap:
+    its open edge would show as a sliver. layers() keeps the body there and drops the flap; a
+    wide garment 5 cm off stays shell, with the body under it gone."""
+    from zeroavatar_blender.engine.surface_layers import layers
+
+    body_v, body_f = _sphere(0.1, 5)
+    flap_dir, garment_dir = np.array([1.0, 0, 0]), np.array([0, 0, 1.0])
+    surface = _bumped(0.1, 5, [(flap_dir, 0.15, 0.015), (garment_dir, 0.9, 0.05)])
+    plain_body = body_layer(body_v, body_f, surface, hide=0.01)
+    plain_shell = shell_layer(surface, plain_body, hide=0.01)
+    body, shell = layers(body_v, body_f, surface, hide=0.01)
+
+    def toward(mesh: MeshData, direction: np.ndarray) -> np.ndarray:
+        unit = mesh.vertices / np.linalg.norm(mesh.vertices, axis=1, keepdims=True)
+        return unit @ direction > np.cos(0.12)
+
+    assert toward(plain_shell, flap_dir).any()  # without the rule: a shell patch over the flap
+    assert not toward(shell, flap_dir).any() and toward(shell, garment_dir).any()
+    assert toward(body, flap_dir).sum() >= toward(MeshData(body_v, body_f), flap_dir).sum()  # no hole
+    assert not toward(body, garment_dir).any()  # under the garment: no body
+    off = layers(body_v, body_f, surface, hide=0.01, flap_faces=0)  # switched off: as before
+    assert off[1].num_faces == plain_shell.num_faces and off[0].num_faces == plain_body.num_faces

@@ -73,6 +73,8 @@ class FinaliseConfig:
     # body. False: the union's marching cubes everywhere, snapped onto the body near it.
     layers: bool = True
     layer_hide: float = 0.01  # about a marching-cubes cell: it bridges concavities finer than that
+    flap_faces: int = 256  # shell pieces this small and within flap_off of the body go (surface_layers.layers)
+    flap_off: float = 0.03
 
 
 def snap_to_body(vertices: np.ndarray, body_vertices: np.ndarray, body_faces: np.ndarray,
@@ -236,10 +238,9 @@ def layered_surface(surface, body_v: np.ndarray, body_f: np.ndarray, fc: Finalis
     stands off it (surface_layers.py). ``target_faces`` (0: any): the shell gets what the body
     leaves of it (at least a third); over it still, the whole is decimated (a low-poly budget)."""
     from .extract import decimate
-    from .surface_layers import body_layer, join, shell_layer
+    from .surface_layers import join, layers
 
-    body = body_layer(body_v, body_f, surface, hide=fc.layer_hide)
-    shell = shell_layer(surface, body, hide=fc.layer_hide)
+    body, shell = layers(body_v, body_f, surface, hide=fc.layer_hide, flap_faces=fc.flap_faces, flap_off=fc.flap_off)
     if not target_faces:
         return join(body, shell)
     budget = max(target_faces - body.num_faces, target_faces // 3)
