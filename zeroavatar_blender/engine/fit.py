@@ -25,6 +25,9 @@ body's ``global_orient`` carries the viewing angle. Steps:
      pulls a too-thin body out as hard as a too-wide one in. The one-sided outside and coverage
      terms could not: the outside term pushes in from zero distance, coverage only pulls beyond
      half a vertex spacing (about 4 px), so bodies came out thin.
+A known standing height (``height_m``) moves the shape prior to a body of that height
+(pose_prior.prior_for_height) and holds it through steps 3a-3c; step 2 still runs on the average
+body, which is then grown to the height along the camera's rays (the same picture).
 Joints with zero confidence (a half-body photo's legs) are left to the prior: they hang straight.
 Afterwards the translation is moved into the camera, so the body's root is at the world origin.
 Weights and priors are tuned on tests/benchmarks/bench_fit.py, the shape refinement also on the
