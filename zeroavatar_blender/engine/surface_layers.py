@@ -28,9 +28,9 @@ def body_faces_kept(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *
                     min_hole: int = 64, rings: int = 2) -> np.ndarray:
     """(F,) bool: the body's faces where the united surface (``surface``: closed, faces
     outward) lies on it. Each body vertex measures its signed distance to that surface (by the
-    outward normal of the nearest surface triangle): more than ``hide`` inside the volume, it is under a garment (or a
-    leg inside a skirt); more than ``hide`` outside, the photo's silhouette emptied that space (fit
-    error) and the field's own surface stands elsewhere; a face whose corners all lie that far off,
+    outward normal of the nearest surface triangle): more than ``hide`` inside the volume, it is
+    under a garment (or a leg inside a skirt); more than ``hide`` outside, the photo's silhouette
+    emptied that space (fit error) and the field's own surface stands elsewhere; a face whose corners all lie that far off,
     either way, is dropped. Within ``hide`` the body stays, being the finer answer. Inside
     counts only where the nearest surface point is itself more than ``hide`` off the body (a
     garment): the body's own inner parts (the mouth's cavity behind the lips) are as deep under
