@@ -127,4 +127,4 @@ def finalise_avatar(job: Job, settings: JobSettings) -> Path:
 def _source_stats(source: np.ndarray) -> dict[str, float]:
     total = max(1, int((source > 0).sum()))
     return {name: round(float((source == code).sum()) / total, 4)
-            for code, name in ((1, "photo"), (2, "mirror"), (3, "smooth"))}
+            for code, name in ((1, "photo"), (2, "mirror"), (3, "smooth"), (4, "crown"))}

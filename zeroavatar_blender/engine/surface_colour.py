@@ -7,7 +7,8 @@ hash-grid noise even on the front. So the standard avatar is textured from the p
 1. surface points the photo sees (in front, facing the camera, inside the person mask) take
    the photo's colour there;
 2. points near the fitted body that the photo does not see take the body's UV texture (the fast
-   path's: the photo, or the left-right mirror of what the photo saw);
+   path's: the photo, or the left-right mirror of what the photo saw); points behind the head,
+   near it or not (long hair), take the crown's colour from it (`head_zones`);
 3. the rest (the back of the body, the back of a skirt) take the photo's colour "through" the
    body: a blur of the photo at the point's own projection, over pixels that show the same body
    part (the chain of the dominant bone of the nearest body point). Clothes are cut from one
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from .body.base import dominant_chains
 from .cameras import Camera
-from .texture import MIRRORED, SEEN, UVTexture, erode_mask, project_texels, sample_image, uv_to_texel
+from .texture import CROWN, MIRRORED, SEEN, UVTexture, erode_mask, project_texels, sample_image, uv_to_texel
 
 MIN_FACING = 0.2  # as the fast path: grazing views of a surface are not trusted
 # ... except well inside the silhouette: a surface point in front there, turned away or not, is
@@ -188,6 +189,8 @@ def colour_surface(points: np.ndarray, normals: np.ndarray, mesh_vertices: np.nd
     part, dist, face, bary = surface_parts(points[rest], priors)
     body_rgb, source = body_texture_lookup(priors, face, bary)
     near = (dist < NEAR_BODY_M) & ((source == SEEN) | (source == MIRRORED))
+    if unseen_fn is None:  # the crown's colour behind the head, on it or off it (long hair)
+        near |= source == CROWN
     out[rest[near]] = body_rgb[near]
     todo = ~near
     if unseen_fn is not None:

@@ -4,6 +4,7 @@ This is the UV prior of the ZeroAvatar method. Every texel is traced to its poin
 body and looked up in the photo when that point is visible (not occluded, facing the camera,
 inside the person mask). Texels the photo does not show take the colour of their left-right
 mirror texel (x -> -x: left arm <-> right arm, never front <-> back) when that one was seen; the
+back of the head takes the colour the photo shows on the crown (hair, a cap: `head_zones`); the
 rest (the back, above all) is filled smoothly over the mesh surface, and the empty atlas space
 is padded so that bilinear sampling and mipmaps never pull in black at UV seams.
 """
@@ -19,9 +20,10 @@ import torch.nn.functional as F
 
 from .body.base import BodyModel
 from .cameras import Camera
+from .head_zones import crown_colour, head_zones
 from .render.raster import rasterize, vertex_normals
 
-EMPTY, SEEN, MIRRORED, SMOOTHED = 0, 1, 2, 3  # UVTexture.source codes
+EMPTY, SEEN, MIRRORED, SMOOTHED, CROWN = 0, 1, 2, 3, 4  # UVTexture.source codes
 
 MIN_FACING = 0.2  # cos of the view angle below which a texel is too grazing to trust
 DEPTH_TOLERANCE_M = 0.015  # occlusion slack on top of a two-pixel depth footprint
@@ -30,7 +32,7 @@ DEPTH_TOLERANCE_M = 0.015  # occlusion slack on top of a two-pixel depth footpri
 @dataclass
 class UVTexture:
     image: np.ndarray  # (S,S,3) uint8, v up (image row = (1 - v) * S)
-    source: np.ndarray  # (S,S) uint8: EMPTY, SEEN, MIRRORED or SMOOTHED
+    source: np.ndarray  # (S,S) uint8: EMPTY, SEEN, MIRRORED, SMOOTHED or CROWN
     confidence: np.ndarray  # (S,S) float32 in [0,1]: facing cosine of seen texels, 0 elsewhere
 
 
@@ -283,7 +285,7 @@ def project_texels(points: np.ndarray, normals: np.ndarray,
 def bake_photo_texture(photo_rgb: np.ndarray, camera: Camera, vertices_world: torch.Tensor | np.ndarray,
                        body: BodyModel, *, mask: np.ndarray | None = None, size: int = 1024,
                        mask_erode_px: int | None = None) -> UVTexture:
-    """Project the photo onto the posed body's UV layout (seen -> mirrored -> smoothed -> padded).
+    """Project the photo onto the posed body's UV layout (seen -> mirrored -> crown -> smoothed -> padded).
 
     ``camera`` must describe ``photo_rgb``'s own size (pass ``camera.scaled(...)`` for a resized
     photo); ``vertices_world`` (V,3) is the body posed as in the photo; ``mask`` (H,W) is the
@@ -361,6 +363,15 @@ def bake_photo_texture(photo_rgb: np.ndarray, camera: Camera, vertices_world: to
     if rest.any():
         vertex_colors = fill_on_mesh(faces, verts.shape[0], fid, b, colors, known)
         colors[rest] = (b[rest, :, None] * vertex_colors[faces[fid[rest]]]).sum(1)
+
+    # ... but the back of the head takes the crown's colour (hair continues round), blended into
+    # the fill at the zone's edges; after the fill, so the hair does not bleed down the neck.
+    back_v, crown_v = head_zones(body)
+    hair = crown_colour(colors, seen, (b * crown_v[faces[fid]]).sum(1) > 0.5)
+    if hair is not None:
+        w = np.where(rest, (b * back_v[faces[fid]]).sum(1), 0.0)
+        colors = colors + w[:, None] * (hair - colors)
+        source[w > 0.5] = CROWN
 
     image = np.zeros((S, S, 3), dtype=np.float32)
     image.reshape(-1, 3)[flat] = colors
