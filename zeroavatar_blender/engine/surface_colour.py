@@ -44,8 +44,11 @@ CREASE_FACING = -0.5
 CREASE_MARGIN = 0.01  # of the photo's long side: how far inside the person mask
 NEAR_BODY_M = 0.03  # within this of the body a point may use the body's UV texture
 BLUR_SIGMA_M = 0.04  # the through-blur's width on the subject
-MIN_WEIGHT = 0.05  # blurred weight below which a part is taken as unseen at that pixel
+MIN_WEIGHT = 0.05  # blurred weight below which a part is taken as unseen at that pixel ...
+FULL_WEIGHT = 0.5  # ... and above which its colour is trusted in full (a ramp between)
+WIDE_SHARE = 0.1  # the wide blur's weight next to the narrow one's
 THROUGH_WEIGHT = 0.5  # share of the carried-through colour on unseen body surface (step 3)
+PART_BLEND_ROUNDS = 8  # neighbour averages that blend one body part into the next (`blended_parts`)
 
 
 @dataclass
@@ -62,6 +65,8 @@ class ColourPriors:
     body_corner_uv: np.ndarray  # (F,3,2)
     vertex_part: np.ndarray  # (V,) int64 bone chain of each body vertex's dominant bone
     bone_parents: np.ndarray  # (J,) -1 for the root
+    part_ids: np.ndarray | None = None  # (C,) the parts (chain ids) ...
+    part_blend: np.ndarray | None = None  # (V,C) ... and each vertex's share of each (`blended_parts`)
 
 
 def build_colour_priors(photo_rgb: np.ndarray, camera: Camera, mask: np.ndarray | None, body, posed_vertices,
@@ -78,9 +83,32 @@ def build_colour_priors(photo_rgb: np.ndarray, camera: Camera, mask: np.ndarray 
     idx = body.skin_indices.cpu().numpy()
     w = body.skin_weights.cpu().numpy()
     part = dominant_chains(idx, w, body.bone_parents)
+    faces = np.asarray(body.faces, np.int64)
+    ids, blend = blended_parts(part, faces)
     return ColourPriors(np.asarray(photo_rgb, np.float32)[..., :3] / 255.0, camera, person, core, tex,
-                        verts.numpy(), np.asarray(body.faces, np.int64), np.asarray(body.corner_uv, np.float32),
-                        part, np.asarray(body.bone_parents, np.int64))
+                        verts.numpy(), faces, np.asarray(body.corner_uv, np.float32),
+                        part, np.asarray(body.bone_parents, np.int64), ids, blend)
+
+
+def blended_parts(part: np.ndarray, faces: np.ndarray, rounds: int = PART_BLEND_ROUNDS) -> tuple[np.ndarray, np.ndarray]:
+    """Each body vertex's share of each part: its one-hot part label averaged with its neighbours'
+    ``rounds`` times. Where the part changes (from one vertex's dominant bone to the next's, a
+    jagged line) the shares now ramp over a few centimetres. part (V,), faces (F,3) -> (ids (C,),
+    shares (V,C) summing to 1)."""
+    from scipy.sparse import coo_matrix, diags
+
+    ids, label = np.unique(part, return_inverse=True)
+    V = len(part)
+    i = faces[:, [0, 1, 2, 1, 2, 0]].reshape(-1)
+    j = faces[:, [1, 2, 0, 0, 1, 2]].reshape(-1)
+    A = coo_matrix((np.ones(len(i)), (i, j)), shape=(V, V)).tocsr()
+    A.data[:] = 1.0
+    A = diags(1.0 / np.maximum(np.asarray(A.sum(1)).ravel(), 1.0)) @ A
+    shares = np.zeros((V, len(ids)))
+    shares[np.arange(V), label] = 1.0
+    for _ in range(rounds):
+        shares = 0.5 * shares + 0.5 * (A @ shares)
+    return ids, shares
 
 
 def visible_in_photo(points: np.ndarray, normals: np.ndarray, depth: np.ndarray, priors: ColourPriors,
@@ -114,8 +142,10 @@ def _gaussian_blur(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
 def through_colours(pix: np.ndarray, part: np.ndarray, pixel_part: np.ndarray, priors: ColourPriors,
                     sigma_px: float) -> tuple[np.ndarray, np.ndarray]:
     """The photo blurred over the pixels that show the same body part, at each point's own
-    projection. pix (N,2) photo pixels, part (N,) bone per point, pixel_part (H,W) bone shown at
-    each pixel (-1: none). -> (colours (N,3), found (N,) bool)."""
+    projection, and how much of that part is near: a strength that fades from 1 to 0 where the
+    part leaves the photo (its edge, a photo cut at the waist), so the callers' blend with their
+    other guess has no seam there. pix (N,2) photo pixels, part (N,) bone per point, pixel_part
+    (H,W) bone shown at each pixel (-1: none). -> (colours (N,3), strength (N,) in [0,1])."""
     H, W = pixel_part.shape
     # work at most ~256 px on the long side: the blur is wide and there is one per part
     s = min(1.0, 256.0 / max(H, W))
@@ -127,24 +157,26 @@ def through_colours(pix: np.ndarray, part: np.ndarray, pixel_part: np.ndarray, p
     x = (pix[:, 0] + 0.5) * (w / W) - 0.5
     y = (pix[:, 1] + 0.5) * (h / H) - 0.5
     out = np.zeros((len(pix), 3), np.float32)
-    found = np.zeros(len(pix), bool)
+    strength = np.zeros(len(pix), np.float32)
     sig = max(0.5, sigma_px * s)
     for label in np.unique(part):
         weight = ((parts_small == int(label)).float() * person)[None]
-        if float(weight.sum()) < 1:
+        sel = np.nonzero(part == label)[0]
+        if float(weight.sum()) < 1 or len(sel) == 0:
             continue
-        for width in (sig, 3 * sig):  # a wider blur where the part is not shown near the point
-            sel = np.nonzero((part == label) & ~found)[0]
-            if len(sel) == 0:
-                break
-            num = _gaussian_blur(photo * weight, width).permute(1, 2, 0).numpy()
-            den = _gaussian_blur(weight, width)[0].numpy()[..., None]
-            n = sample_image(num, x[sel], y[sel])
-            d = sample_image(den, x[sel], y[sel])[:, 0]
-            ok = d > MIN_WEIGHT
-            out[sel[ok]] = n[ok] / d[ok, None]
-            found[sel[ok]] = True
-    return out, found
+        # the blur at the point's scale, and a wider one that reaches where the part is not
+        # shown near the point; mixed by weight, so the colour moves smoothly from one to the other
+        num, den, reach = np.zeros((len(sel), 3)), np.zeros(len(sel)), np.zeros(len(sel))
+        for width, share in ((sig, 1.0), (3 * sig, WIDE_SHARE)):
+            n = sample_image(_gaussian_blur(photo * weight, width).permute(1, 2, 0).numpy(), x[sel], y[sel])
+            d = sample_image(_gaussian_blur(weight, width)[0].numpy()[..., None], x[sel], y[sel])[:, 0]
+            num += share * n
+            den += share * d
+            reach = np.maximum(reach, d)
+        ok = den > 1e-9
+        out[sel[ok]] = num[ok] / den[ok, None]
+        strength[sel] = np.clip((reach - MIN_WEIGHT) / (FULL_WEIGHT - MIN_WEIGHT), 0.0, 1.0)
+    return out, strength
 
 
 def body_texture_lookup(priors: ColourPriors, face: np.ndarray, bary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,6 +188,24 @@ def body_texture_lookup(priors: ColourPriors, face: np.ndarray, bary: np.ndarray
     col = np.clip(np.rint(xy[:, 0]), 0, S - 1).astype(np.int64)
     row = np.clip(np.rint(xy[:, 1]), 0, S - 1).astype(np.int64)
     return colours, priors.texture.source[row, col]
+
+
+def part_shares(face: np.ndarray, bary: np.ndarray, part: np.ndarray,
+                priors: ColourPriors) -> tuple[np.ndarray, np.ndarray]:
+    """The two parts a body point belongs to most and their shares (`blended_parts`), so colours
+    carried through per part blend where parts meet. face (N,), bary (N,3), part (N,) the
+    point's own part -> (parts (N,2), shares (N,2) summing to 1)."""
+    n = len(face)
+    if priors.part_blend is None or priors.part_ids is None or n == 0:
+        return np.stack([part, part], 1), np.tile([1.0, 0.0], (n, 1))
+    dense = (bary[:, :, None] * priors.part_blend[priors.body_faces[face]]).sum(1)  # (N,C)
+    k = min(2, dense.shape[1])
+    top = np.argsort(-dense, axis=1)[:, :k]
+    w = np.take_along_axis(dense, top, 1)
+    if k == 1:
+        top, w = np.concatenate([top, top], 1), np.concatenate([w, 0 * w], 1)
+    total = w.sum(1, keepdims=True)
+    return priors.part_ids[top], np.where(total > 1e-12, w / np.maximum(total, 1e-12), [1.0, 0.0])
 
 
 def surface_parts(points: np.ndarray, priors: ColourPriors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -207,11 +257,22 @@ def colour_surface(points: np.ndarray, normals: np.ndarray, mesh_vertices: np.nd
         pixel_part[shown] = face_part[fid[shown]]
     z = np.median(depth[np.isfinite(depth)]) if np.isfinite(depth).any() else 3.0
     sigma_px = BLUR_SIGMA_M * float(cam.K[0, 0]) / max(float(z), 1e-3)
-    through, found = through_colours(pix[rest[todo]], part[todo], pixel_part, priors, sigma_px)
+    # each point's colour carried through for its two main parts, blended by their shares; a
+    # share whose part the photo does not show takes the smooth fill
     fill = body_rgb[todo]
+    parts, shares = part_shares(face[todo], bary[todo], part[todo], priors)
+    m, p = len(fill), pix[rest[todo]]
+    small = shares[:, 1] <= 0.01  # one part only: not worth a second look-up
+    shares[small] = (1.0, 0.0)
+    second = np.nonzero(~small)[0]
+    colour, strength = through_colours(np.concatenate([p, p[second]]),
+                                       np.concatenate([parts[:, 0], parts[second, 1]]), pixel_part, priors, sigma_px)
+    both_fill = np.concatenate([fill, fill[second]])
+    colour = strength[:, None] * colour + (1 - strength[:, None]) * both_fill
+    through = shares[:, :1] * colour[:m]
+    through[second] += shares[second, 1:] * colour[m:]
     on_body = dist[todo] < NEAR_BODY_M
     # on the body, two guesses for the unseen: the smooth fill over the surface and the colour
     # carried through; their mean errs less than either (measured over the synthetic set)
-    mixed = np.where(on_body[:, None], through_weight * through + (1 - through_weight) * fill, through)
-    out[rest[todo]] = np.where(found[:, None], mixed, fill)
+    out[rest[todo]] = np.where(on_body[:, None], through_weight * through + (1 - through_weight) * fill, through)
     return out
