@@ -11,7 +11,9 @@ hash-grid noise even on the front. So the standard avatar is textured from the p
    near it or not (long hair), take the crown's colour from it (`head_zones`);
 3. the rest (the back of the body, the back of a skirt) take the photo's colour "through" the
    body: a blur of the photo at the point's own projection, over pixels that show the same body
-   part (the chain of the dominant bone of the nearest body point). Clothes are cut from one
+   part (the chain of the dominant bone of the nearest body point; where two parts meet, both,
+   blended). Where that part leaves the photo (its edge, a photo cut at the waist) the carried
+   colour fades into the fill instead of stopping at a seam. Clothes are cut from one
    cloth: the back of a shirt is the shirt's colour. The blur spreads a striped front into its
    mean colour, the least-error guess for a back whose pattern is unknown. On the body this is
    averaged with the body texture's smooth fill (the fast path's guess). On the 12 painted
@@ -238,11 +240,11 @@ def colour_surface(points: np.ndarray, normals: np.ndarray, mesh_vertices: np.nd
         return out
     part, dist, face, bary = surface_parts(points[rest], priors)
     body_rgb, source = body_texture_lookup(priors, face, bary)
-    near = (dist < NEAR_BODY_M) & ((source == SEEN) | (source == MIRRORED))
+    from_body = (dist < NEAR_BODY_M) & ((source == SEEN) | (source == MIRRORED))
     if unseen_fn is None:  # the crown's colour behind the head, on it or off it (long hair)
-        near |= source == CROWN
-    out[rest[near]] = body_rgb[near]
-    todo = ~near
+        from_body |= source == CROWN
+    out[rest[from_body]] = body_rgb[from_body]
+    todo = ~from_body
     if unseen_fn is not None:
         if todo.any():
             out[rest[todo]] = unseen_fn(points[rest[todo]])

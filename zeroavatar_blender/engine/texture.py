@@ -285,7 +285,8 @@ def project_texels(points: np.ndarray, normals: np.ndarray,
 def bake_photo_texture(photo_rgb: np.ndarray, camera: Camera, vertices_world: torch.Tensor | np.ndarray,
                        body: BodyModel, *, mask: np.ndarray | None = None, size: int = 1024,
                        mask_erode_px: int | None = None) -> UVTexture:
-    """Project the photo onto the posed body's UV layout (seen -> mirrored -> crown -> smoothed -> padded).
+    """Project the photo onto the posed body's UV layout (seen -> mirrored -> smoothed, with the
+    crown's colour behind the head -> padded).
 
     ``camera`` must describe ``photo_rgb``'s own size (pass ``camera.scaled(...)`` for a resized
     photo); ``vertices_world`` (V,3) is the body posed as in the photo; ``mask`` (H,W) is the
