@@ -91,7 +91,7 @@ def test_front_photo_gives_the_back_of_the_head_the_hair_not_the_skin(subject):
     assert back.sum() > 500 and (tex.source[back] == CROWN).mean() > 0.9
     rgb = tex.image[back].astype(np.float64) / 255
     assert np.abs(rgb - HAIR).mean() < 0.1  # the hair's colour; skin is 0.5 away
-    # the back of the neck under the hair is not darkened by it: the fill there is as it was
+    # the back of the neck under the hair keeps the fill: no hair colour run down it
     points = (bary[..., None] * subject["verts"].numpy()[body.faces[fid.clip(0)]]).sum(-2)
     d = points - subject["ears"]
     neck = covered & (d[..., 1] > 0.02) & (d[..., 2] < -0.07) & (d[..., 2] > -0.1) & (np.abs(d[..., 0]) < 0.04)
