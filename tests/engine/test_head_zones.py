@@ -132,3 +132,23 @@ def test_colour_surface_gives_long_hair_behind_the_head_the_crown(subject):
     j = np.argmin(np.linalg.norm(v - (v.mean(0) + [0.0, 0.3, 0.25]), axis=1))
     shirt = colour_surface((v[j] + 0.05 * n[j])[None], n[j][None], v, faces, priors)
     assert np.abs(shirt[0] - SHIRT).mean() < 0.1
+
+
+@pytest.mark.parametrize("kind", ["smpl", "smplx"])
+def test_zones_on_other_body_models(tmp_path, kind):
+    """The zones come from any body's own face keypoints: the synthetic SMPL-layout models too."""
+    from zeroavatar_blender.engine.body import load_body
+
+    from .body.synthetic_smpl import write_model_folder
+
+    body = load_body(kind, write_model_folder(tmp_path / kind, kind).parent)
+    back, crown = head_zones(body)
+    with torch.no_grad():
+        out = body.forward(body.zero_params())
+    v, kp = out.vertices[0].double().numpy(), out.keypoints[0].double().numpy()
+    ears = 0.5 * (kp[3] + kp[4])
+    assert (back > 0.5).mean() > 0.01 and crown.mean() > 0.01  # about 3 % each, as on Anny
+    to_nose = (kp[0] - ears) / np.linalg.norm(kp[0] - ears)
+    ahead = (v - ears) @ to_nose
+    assert (ahead[back > 0.5] < 0.02).all() and np.median(ahead[back > 0.5]) < -0.02  # behind the ears
+    assert (v[crown, 2] > ears[2]).all() and (v[back > 0, 2] > kp[5:7, 2].mean()).all()  # above the shoulders
