@@ -147,7 +147,7 @@ def test_zones_on_other_body_models(tmp_path, kind):
         out = body.forward(body.zero_params())
     v, kp = out.vertices[0].double().numpy(), out.keypoints[0].double().numpy()
     ears = 0.5 * (kp[3] + kp[4])
-    assert (back > 0.5).mean() > 0.01 and crown.mean() > 0.01  # 2.9 % and 2.4 % here; 2.8 % and 1 % on Anny
+    assert (back > 0.5).mean() > 0.01 and crown.mean() > 0.01  # 2.9 % and 2.4 % here; 2.6 % and 1.0 % on Anny
     to_nose = (kp[0] - ears) / np.linalg.norm(kp[0] - ears)
     ahead = (v - ears) @ to_nose
     assert (ahead[back > 0.5] < 0.02).all() and np.median(ahead[back > 0.5]) < -0.02  # behind the ears
