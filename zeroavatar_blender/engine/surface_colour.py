@@ -97,14 +97,13 @@ def blended_parts(part: np.ndarray, faces: np.ndarray, rounds: int = PART_BLEND_
     ``rounds`` times. Where the part changes (from one vertex's dominant bone to the next's, a
     jagged line) the shares now ramp over a few centimetres. part (V,), faces (F,3) -> (ids (C,),
     shares (V,C) summing to 1)."""
-    from scipy.sparse import coo_matrix, diags
+    from scipy.sparse import diags
+
+    from .mesh_rig import mesh_adjacency
 
     ids, label = np.unique(part, return_inverse=True)
     V = len(part)
-    i = faces[:, [0, 1, 2, 1, 2, 0]].reshape(-1)
-    j = faces[:, [1, 2, 0, 0, 1, 2]].reshape(-1)
-    A = coo_matrix((np.ones(len(i)), (i, j)), shape=(V, V)).tocsr()
-    A.data[:] = 1.0
+    A = mesh_adjacency(faces, V)
     A = diags(1.0 / np.maximum(np.asarray(A.sum(1)).ravel(), 1.0)) @ A
     shares = np.zeros((V, len(ids)))
     shares[np.arange(V), label] = 1.0
