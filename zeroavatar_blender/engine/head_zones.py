@@ -9,8 +9,8 @@ the head takes the colour the photo shows on the crown.
 Both zones are placed on the body in its zero pose from its own COCO face keypoints, in units
 of the ear-to-ear distance, so they hold for any body model and any shape. Measured on Anny's
 zero pose (ear-to-ear 14.8 cm): the top of the head is 0.85 ear distances above the ears'
-midpoint, the back of the skull 0.71 behind it, the eyes 0.2 above it; a front hairline sits
-about 6 cm (0.4) above the eyes.
+midpoint, the back of the skull 0.71 behind it, the eyes 0.2 above it. A front hairline is
+taken to sit about 6 cm (0.4) above the eyes: an assumption, not measured here.
 
 The crown's colour is read on the top and the upper sides of the head: a top-lit crown alone
 reads brighter than the back of the same hair (on the synthetic benchmark's 16 photos the top
