@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from zeroavatar_blender.engine.cameras import Camera, intrinsics, look_at
-from zeroavatar_blender.engine.head_zones import crown_colour, head_zones, zones_from_keypoints
+from zeroavatar_blender.engine.head_zones import (
+    FALL_END, SHOULDER_LEVEL, crown_colour, fall_zones_from_keypoints, hair_fall_zones, hair_reach, head_zones,
+    long_hair_shown, zones_from_keypoints,
+)
 from zeroavatar_blender.engine.render.raster import render_mesh, vertex_normals
 from zeroavatar_blender.engine.texture import CROWN, SEEN, bake_photo_texture, texel_surface_map
 
@@ -31,11 +34,26 @@ def subject(anny_body):
     return dict(body=anny_body, verts=v, kp=kp, ears=ears, colours=colours, hair=hair, head=head)
 
 
-def photo(subject, direction, W=256, H=512):
+def photo(subject, direction, W=256, H=512, long_hair=False):
+    """The subject photographed from ``direction``; with ``long_hair``, two locks of the hair's
+    colour hang beside the neck from the ears to the shoulders."""
     centre = subject["verts"].mean(0).numpy()
     eye = centre + 3.0 * np.asarray(direction, np.float64)
     cam = Camera(intrinsics(W, H, 500.0), look_at(eye, centre), W, H)
-    shot = render_mesh(subject["verts"], subject["body"].faces, cam, vertex_colors=torch.as_tensor(subject["colours"]))
+    verts, faces, colours = subject["verts"].numpy(), np.asarray(subject["body"].faces), subject["colours"]
+    if long_hair:
+        import trimesh
+
+        kp = subject["kp"]
+        for side in (3, 4):  # COCO ears
+            top, bottom = kp[side, 2] - 0.02, kp[5:7, 2].mean() - 0.01
+            lock = trimesh.creation.box(extents=[0.035, 0.03, top - bottom])
+            x = kp[side, 0] + np.sign(kp[side, 0] - subject["ears"][0]) * 0.02
+            lock.apply_translation([x, subject["ears"][1] + 0.02, 0.5 * (top + bottom)])
+            faces = np.concatenate([faces, lock.faces + len(verts)])
+            verts = np.concatenate([verts, lock.vertices])
+            colours = np.concatenate([colours, np.tile(HAIR, (len(lock.vertices), 1))])
+    shot = render_mesh(torch.as_tensor(verts), faces, cam, vertex_colors=torch.as_tensor(colours))
     return (shot["rgb"].numpy() * 255).astype(np.uint8), cam, shot["mask"].numpy()
 
 
@@ -152,3 +170,88 @@ def test_zones_on_other_body_models(tmp_path, kind):
     ahead = (v - ears) @ to_nose
     assert (ahead[back > 0.5] < 0.02).all() and np.median(ahead[back > 0.5]) < -0.02  # behind the ears
     assert (v[crown, 2] > ears[2]).all() and (v[back > 0, 2] > kp[5:7, 2].mean()).all()  # above the shoulders
+    neck, fall, _ = hair_fall_zones(body)
+    assert neck.any() and (fall == 1).any()  # a toy body of 696 vertices: 42 % and 0.7 % of it on SMPL's layout
+    assert (v[neck, 2] < ears[2]).all()
+    assert (v[fall == 1, 2] < ears[2]).all() and (v[fall == 1, 1] > kp[5:7, 1].mean()).all()  # below the head, behind the shoulders
+
+
+def test_fall_zone_lies_on_the_upper_back_between_the_shoulder_blades(anny_body, subject):
+    neck, fall, height = hair_fall_zones(anny_body)
+    assert hair_fall_zones(anny_body)[1] is fall  # cached with the head's zones
+    v, kp, ears = subject["verts"].numpy(), subject["kp"], subject["ears"]
+    scale = np.linalg.norm(kp[3] - kp[4])
+    assert np.corrcoef(height, v[:, 2])[0, 1] > 0.99  # Anny stands upright
+    full = fall == 1
+    assert full.sum() > 100 and (v[full, 1] > kp[5:7, 1].mean()).all()  # behind the shoulders (-Y is forward)
+    assert (np.abs(v[fall > 0, 0]) < 0.9 * scale + 0.05).all()  # not out on the arms
+    assert (height[fall > 0] < -0.3 + 1e-9).all() and (height[fall > 0] > FALL_END - 0.5 - 1e-9).all()
+    assert (v[neck, 2] < ears[2]).all() and (v[neck, 2] > kp[5:7, 2].mean() - 0.1).all()
+    assert not (neck & subject["head"] & (height > -0.5)).any()
+    nothing = fall_zones_from_keypoints(v, np.zeros_like(kp))
+    assert not nothing[0].any() and not nothing[1].any()
+
+
+def test_hair_reaches_the_lowest_shell_behind_the_back_or_the_shoulders():
+    height = np.linspace(0.0, -4.0, 81)
+    fall = np.ones_like(height)
+    bare = hair_reach(fall, height, np.zeros(81, bool))  # nothing stands off: the shoulders' level
+    assert bare[height >= SHOULDER_LEVEL].min() == 1 and bare[height < SHOULDER_LEVEL - 0.5].max() == 0
+    shell = (height < -1.0) & (height > -2.2)  # a shell standing off the back down to -2.2
+    reach = hair_reach(fall, height, shell)
+    assert reach[height >= -2.1].min() == 1 and reach[height < -2.7].max() == 0  # the lowest 2 % of the shell may be strays
+    deep = hair_reach(fall, height, height < -1.0)  # a shell down to the hips: no further than FALL_END
+    assert deep[height < FALL_END - 0.5].max() == 0
+    assert hair_reach(0.5 * fall, height, shell).max() == 0.5  # the zone's own weight
+
+
+def test_long_hair_shown_needs_the_crowns_colour_off_the_body_beside_the_neck():
+    H = W = 64
+    photo = np.zeros((H, W, 3))
+    body = np.zeros((H, W), bool)
+    body[10:64, 24:40] = True  # a body: its neck band's vertices project to rows 20-30
+    ys, xs = np.mgrid[10:64:2, 24:40:2]
+    pixels = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
+    neck = (pixels[:, 1] >= 20) & (pixels[:, 1] <= 30)
+    hair = np.array([0.3, 0.2, 0.1])
+    person = body.copy()
+    person[20:31, 18:24] = True  # locks beside the neck, 6 x 11 px, off the body
+    photo[20:31, 18:24] = hair
+    assert long_hair_shown(photo, person, body, pixels, neck, hair, ear_px=20.0)  # 66 px >= 0.04 * 400
+    assert not long_hair_shown(photo, person, body, pixels, neck, np.array([0.9, 0.9, 0.9]), ear_px=20.0)  # another colour
+    assert not long_hair_shown(photo, person, body, pixels, neck, hair, ear_px=50.0)  # too little for a bigger head
+    low = np.zeros_like(neck)
+    low[pixels[:, 1] > 50] = True  # the same locks beside the hips' band: not falling past the neck
+    assert not long_hair_shown(photo, person, body, pixels, low, hair, ear_px=20.0)
+    beard = np.zeros((H, W, 3))
+    beard[20:31, 26:32] = hair  # the colour on the body itself (a beard, a brown shirt): no evidence
+    assert not long_hair_shown(beard, body, body, pixels, neck, hair, ear_px=20.0)
+
+
+def test_long_hair_in_the_photo_colours_the_upper_back_and_its_shell(subject):
+    """Locks of hair falling past the neck in a front photo: a shell 5 cm behind the upper back
+    and the back itself down to that shell take the hair's colour; the same photo without the
+    locks leaves them the shirt carried through (as `test_colour_surface_gives_long_hair_...`)."""
+    from zeroavatar_blender.engine.surface_colour import build_colour_priors, colour_surface
+
+    body = subject["body"]
+    v = subject["verts"].numpy()
+    faces = np.asarray(body.faces, np.int64)
+    n = vertex_normals(subject["verts"], torch.as_tensor(faces)).numpy()
+    kp = subject["kp"]
+    shoulders = kp[5:7, 2].mean()
+    spine = np.argmin(np.linalg.norm(v - [0.0, v[:, 1].max(), shoulders - 0.12], axis=1))  # between the shoulder blades
+    assert n[spine, 1] > 0.7
+    low_back = np.argmin(np.linalg.norm(v - [0.0, v[:, 1].max(), kp[11:13, 2].mean() + 0.1], axis=1))
+    points = np.stack([v[spine] + 0.05 * n[spine], v[spine], v[low_back]])
+    normals = n[[spine, spine, low_back]]
+    for long_hair, expect in ((True, [HAIR, HAIR, SHIRT]), (False, [SHIRT, SHIRT, SHIRT])):
+        shot, cam, mask = photo(subject, [0.0, -1.0, 0.0], long_hair=long_hair)
+        priors = build_colour_priors(shot, cam, mask, body, subject["verts"], texture_size=256)
+        assert (priors.hair is not None) == long_hair
+        # the avatar: the body and a shell standing off its upper back (so the hair reaches it)
+        shell = (v[:, 1] > 0.02) & (np.abs(v[:, 2] - (shoulders - 0.12)) < 0.03) & (np.abs(v[:, 0]) < 0.06)
+        mesh_v = np.where(shell[:, None], v + 0.05 * n, v)
+        out = colour_surface(np.concatenate([points, mesh_v[shell]]), np.concatenate([normals, n[shell]]), mesh_v, faces, priors)
+        err = np.abs(out[:3] - np.array(expect)).mean(1)
+        assert err.max() < 0.12, (long_hair, out[:3])

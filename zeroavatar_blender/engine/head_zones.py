@@ -16,6 +16,15 @@ The crown's colour is read on the top and the upper sides of the head: a top-lit
 reads brighter than the back of the same hair (on the synthetic benchmark's 16 photos the top
 alone gave -0.04 dB back-view PSNR against the old fill, top and sides +0.00, the head's band of
 the back view +0.5 dB; docs/BENCHMARKS.md).
+
+Long hair goes further: it falls from the head down the upper back, where an optimised shell
+stands off the body, and a front photo shows it only where it passes the neck and lies on the
+shoulders. When the photo shows the crown's colour there, off the body's own silhouette
+(`long_hair_shown`), a shell behind the upper back (`fall_zones_from_keypoints`) is taken to be
+that hair rather than the shirt carried through. On the synthetic set the crown-coloured area
+beside the neck was 0.09-0.10 ear distances squared for the long-haired subject and at most 0.02
+for the 15 others (caps, a hat's brim, a puffy jacket's collar, short hair): `MIN_HAIR_AREA` sits
+between.
 """
 
 from __future__ import annotations
@@ -36,45 +45,136 @@ CROWN_ABOVE = 0.35  # the crown zone: the head above this (over the eyes) ...
 CROWN_BEHIND = 0.35  # ... and behind this (the forehead's skin in front): its top and upper sides
 MIN_CROWN_TEXELS = 10  # fewer seen crown texels than this, or ...
 MIN_CROWN_SHARE = 0.002  # ... a smaller share of the zone (whose back is never seen): too little shown
+NECK_BOTTOM = -1.5  # the neck band, where long hair shows in a front photo: under the head down to
+# just below the shoulders (1.25 ear distances under the ears on Anny)
+SHOULDER_LEVEL = -1.25  # hair seen falling past the neck covers the back at least down to here ...
+FALL_END = -3.0  # ... and at most to about here (the shoulder blades' lower half: `hair_reach`), ...
+FALL_RAMP = 0.5  # ... fading out below over this
+FALL_HALF_WIDTH = 0.9  # ... between the shoulder blades' outer edges (shoulders 1.04 out): not the arms
+HAIR_TOLERANCE = 0.15  # RGB distance in [0,1] from the crown's colour that counts as the same hair
+MIN_HAIR_AREA = 0.04  # ear distances squared of hair beside the neck that make long hair
 
-_ZONES: "weakref.WeakKeyDictionary[BodyModel, tuple[np.ndarray, np.ndarray]]" = weakref.WeakKeyDictionary()
+_ZONES: "weakref.WeakKeyDictionary[BodyModel, tuple[np.ndarray, ...]]" = weakref.WeakKeyDictionary()
 
 
-def _ramp(x: np.ndarray) -> np.ndarray:
+def smooth_ramp(x: np.ndarray) -> np.ndarray:
     """0 below 0, 1 above 1, smooth between."""
     t = np.clip(x, 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
+
+
+def _head_frame(keypoints: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, np.ndarray] | None:
+    """(ears' midpoint, ear-to-ear distance, up, forward) from COCO keypoints (17,3); None when
+    the ears coincide."""
+    ears = 0.5 * (keypoints[3] + keypoints[4])
+    scale = float(np.linalg.norm(keypoints[3] - keypoints[4]))
+    if not np.isfinite(scale) or scale <= 1e-6:
+        return None
+    up = ears - 0.5 * (keypoints[5] + keypoints[6])  # from the shoulders' midpoint
+    up /= max(float(np.linalg.norm(up)), 1e-12)
+    forward = keypoints[0] - ears  # toward the nose
+    forward -= (forward @ up) * up
+    forward /= max(float(np.linalg.norm(forward)), 1e-12)
+    return ears, scale, up, forward
 
 
 def zones_from_keypoints(vertices: np.ndarray, keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(back, crown) of a body: back (V,) float in [0,1], how much of the crown's colour each
     vertex takes; crown (V,) bool, where the photo's crown colour is read. vertices (V,3),
     keypoints (17,3) COCO, any pose whose head is upright over the shoulders."""
-    ears = 0.5 * (keypoints[3] + keypoints[4])
-    scale = float(np.linalg.norm(keypoints[3] - keypoints[4]))
-    if not np.isfinite(scale) or scale <= 1e-6:
+    frame = _head_frame(keypoints)
+    if frame is None:
         return np.zeros(len(vertices)), np.zeros(len(vertices), bool)
-    up = ears - 0.5 * (keypoints[5] + keypoints[6])  # from the shoulders' midpoint
-    up /= max(float(np.linalg.norm(up)), 1e-12)
-    forward = keypoints[0] - ears  # toward the nose
-    forward -= (forward @ up) * up
-    forward /= max(float(np.linalg.norm(forward)), 1e-12)
+    ears, scale, up, forward = frame
     d = (vertices - ears) / scale
     height, ahead = d @ up, d @ forward
     head = (np.linalg.norm(d, axis=1) < HEAD_RADIUS) & (height > HEAD_BOTTOM)
-    back = head * _ramp((BEHIND_EARS - ahead) / RAMP) * _ramp((height - NAPE) / RAMP)
+    back = head * smooth_ramp((BEHIND_EARS - ahead) / RAMP) * smooth_ramp((height - NAPE) / RAMP)
     crown = head & (height > CROWN_ABOVE) & (ahead < CROWN_BEHIND)
     return back, crown
 
 
-def head_zones(body: BodyModel) -> tuple[np.ndarray, np.ndarray]:
-    """(back, crown) of a body's topology (`zones_from_keypoints`), from its zero pose; cached per body."""
+def fall_zones_from_keypoints(vertices: np.ndarray, keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(neck, fall, height) of a body: neck (V,) bool, the band under the head down to the
+    shoulders where a front photo shows long hair passing; fall (V,) float in [0,1], the upper
+    back behind the shoulders where long hair may lie (how far down it does is the caller's:
+    `hair_reach`); height (V,) in ear distances above the ears. Same frame as `zones_from_keypoints`."""
+    frame = _head_frame(keypoints)
+    if frame is None:
+        return np.zeros(len(vertices), bool), np.zeros(len(vertices)), np.zeros(len(vertices))
+    ears, scale, up, forward = frame
+    side = np.cross(up, forward)
+    d = (vertices - ears) / scale
+    height = d @ up
+    neck = (height < HEAD_BOTTOM) & (height > NECK_BOTTOM)
+    shoulders = (0.5 * (keypoints[5] + keypoints[6]) - ears) / scale
+    behind = smooth_ramp(-((d - shoulders) @ forward) / (2 * RAMP))  # behind the shoulder joints' plane
+    fall = (behind * smooth_ramp((NAPE - height) / RAMP) * smooth_ramp((height - FALL_END) / FALL_RAMP + 1.0)
+            * smooth_ramp((FALL_HALF_WIDTH - np.abs(d @ side)) / (2 * RAMP)))
+    return neck, fall, height
+
+
+def hair_reach(fall: np.ndarray, height: np.ndarray, off_body: np.ndarray) -> np.ndarray:
+    """How much of long hair's colour each surface point behind the upper back takes: all of it
+    down to the lowest shell standing off the body there (the hair's lower edge: the back's
+    shape is all a front photo gives of its length), or to the shoulders' level when nothing
+    stands off, which the photo showed it reaching. fall, height (N,) of each point's nearest
+    body point (`fall_zones_from_keypoints`), off_body (N,) bool -> (N,) in [0,1]."""
+    shell = off_body & (fall > 0.5)
+    end = SHOULDER_LEVEL
+    if shell.any():
+        end = max(min(end, float(np.quantile(height[shell], 0.02))), FALL_END)
+    return fall * smooth_ramp((height - end) / FALL_RAMP + 1.0)
+
+
+def _zones(body: BodyModel) -> tuple[np.ndarray, ...]:
+    """(back, crown, neck, fall, height, ears) of a body's topology from its zero pose, ears (2,) the
+    vertices nearest the ear keypoints; cached per body."""
     if body not in _ZONES:
         with torch.no_grad():
             out = body.forward(body.zero_params())
-        _ZONES[body] = zones_from_keypoints(out.vertices[0].detach().cpu().double().numpy(),
-                                            out.keypoints[0].detach().cpu().double().numpy())
+        v = out.vertices[0].detach().cpu().double().numpy()
+        kp = out.keypoints[0].detach().cpu().double().numpy()
+        ears = np.array([np.argmin(np.linalg.norm(v - kp[k], axis=1)) for k in (3, 4)])
+        _ZONES[body] = zones_from_keypoints(v, kp) + fall_zones_from_keypoints(v, kp) + (ears,)  # type: ignore[operator]
     return _ZONES[body]
+
+
+def head_zones(body: BodyModel) -> tuple[np.ndarray, np.ndarray]:
+    """(back, crown) of a body's topology (`zones_from_keypoints`), from its zero pose; cached per body."""
+    back, crown = _zones(body)[:2]
+    return back, crown
+
+
+def hair_fall_zones(body: BodyModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(neck, fall, height) of a body's topology (`fall_zones_from_keypoints`), from its zero pose; cached per body."""
+    _, _, neck, fall, height, _ = _zones(body)
+    return neck, fall, height
+
+
+def ear_distance(body: BodyModel, vertices: np.ndarray) -> float:
+    """The ear-to-ear distance of a posed body (V,3): the unit of the zones, for its pixels."""
+    i, j = _zones(body)[5]
+    return float(np.linalg.norm(vertices[i] - vertices[j]))
+
+
+def long_hair_shown(photo: np.ndarray, person: np.ndarray, body_mask: np.ndarray, body_pixels: np.ndarray,
+                    neck: np.ndarray, hair: np.ndarray, ear_px: float) -> bool:
+    """Whether the photo shows hair of the crown's colour falling past the jaw: person pixels of
+    that colour off the body's own silhouette (hair stands off the body; a shirt or a beard lies
+    on it) whose nearest body vertex in the image is in the neck band (beside the neck, on the
+    shoulders; not the head, whose own hair may stop at the ears). photo (H,W,3) in [0,1];
+    person and body_mask (H,W) bool; body_pixels (V,2) the posed body's vertices in the photo;
+    neck (V,) bool; hair (3,) the crown's colour; ear_px the ear-to-ear distance in pixels."""
+    from scipy.spatial import cKDTree
+
+    candidates = person & ~body_mask & (np.linalg.norm(photo - hair, axis=-1) < HAIR_TOLERANCE)
+    ys, xs = np.nonzero(candidates)
+    if len(ys) == 0 or not neck.any() or not np.isfinite(ear_px) or ear_px <= 0:
+        return False
+    ok = np.isfinite(body_pixels).all(1)
+    _, nearest = cKDTree(body_pixels[ok]).query(np.stack([xs, ys], 1).astype(np.float64))
+    return float(neck[ok][nearest].sum()) >= MIN_HAIR_AREA * ear_px ** 2
 
 
 def crown_colour(colours: np.ndarray, seen: np.ndarray, on_crown: np.ndarray) -> np.ndarray | None:

@@ -8,7 +8,8 @@ hash-grid noise even on the front. So the standard avatar is textured from the p
    the photo's colour there;
 2. points near the fitted body that the photo does not see take the body's UV texture (the fast
    path's: the photo, or the left-right mirror of what the photo saw); points behind the head,
-   near it or not (long hair), take the crown's colour from it (`head_zones`);
+   near it or not (long hair), take the crown's colour from it (`head_zones`), and so does a
+   shell standing off the upper back when the photo shows that hair falling past the neck;
 3. the rest (the back of the body, the back of a skirt) take the photo's colour "through" the
    body: a blur of the photo at the point's own projection, over pixels that show the same body
    part (the chain of the dominant bone of the nearest body point; where two parts meet, both,
@@ -69,6 +70,8 @@ class ColourPriors:
     bone_parents: np.ndarray  # (J,) -1 for the root
     part_ids: np.ndarray | None = None  # (C,) the parts (chain ids) ...
     part_blend: np.ndarray | None = None  # (V,C) ... and each vertex's share of each (`blended_parts`)
+    hair: np.ndarray | None = None  # (3,) in [0,1]: long hair's colour when the photo shows it ...
+    hair_fall: np.ndarray | None = None  # (V,2) ... where on the body it may fall and the height there (`head_zones.hair_fall_zones`)
 
 
 def build_colour_priors(photo_rgb: np.ndarray, camera: Camera, mask: np.ndarray | None, body, posed_vertices,
@@ -79,17 +82,44 @@ def build_colour_priors(photo_rgb: np.ndarray, camera: Camera, mask: np.ndarray 
     verts = torch.as_tensor(posed_vertices).detach().cpu().double()
     tex = bake_photo_texture(photo_rgb, camera, verts, body, mask=mask, size=texture_size)
     H, W = photo_rgb.shape[:2]
-    person = np.ones((H, W), bool) if mask is None else (np.asarray(mask, np.float32) > 0.5)
-    core = erode_mask(person, max(3, round(CREASE_MARGIN * max(H, W))))
-    person = erode_mask(person, max(2, round(0.003 * max(H, W))))
+    whole = np.ones((H, W), bool) if mask is None else (np.asarray(mask, np.float32) > 0.5)
+    core = erode_mask(whole, max(3, round(CREASE_MARGIN * max(H, W))))
+    person = erode_mask(whole, max(2, round(0.003 * max(H, W))))
     idx = body.skin_indices.cpu().numpy()
     w = body.skin_weights.cpu().numpy()
     part = dominant_chains(idx, w, body.bone_parents)
     faces = np.asarray(body.faces, np.int64)
     ids, blend = blended_parts(part, faces)
-    return ColourPriors(np.asarray(photo_rgb, np.float32)[..., :3] / 255.0, camera, person, core, tex,
-                        verts.numpy(), faces, np.asarray(body.corner_uv, np.float32),
-                        part, np.asarray(body.bone_parents, np.int64), ids, blend)
+    photo = np.asarray(photo_rgb, np.float32)[..., :3] / 255.0
+    hair, fall = long_hair(photo, camera, whole, body, verts.numpy(), faces, tex)  # a lock is a few pixels wide
+    return ColourPriors(photo, camera, person, core, tex, verts.numpy(), faces, np.asarray(body.corner_uv, np.float32),
+                        part, np.asarray(body.bone_parents, np.int64), ids, blend, hair, fall)
+
+
+def long_hair(photo: np.ndarray, camera: Camera, person: np.ndarray, body, vertices: np.ndarray, faces: np.ndarray,
+              texture: UVTexture) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(colour (3,) in [0,1], fall and height (V,2)) of long hair the photo shows falling past
+    the neck (`head_zones.long_hair_shown`), or (None, None)."""
+    from .head_zones import ear_distance, hair_fall_zones, long_hair_shown
+    from .render.raster import rasterize
+
+    if texture.crown is None:
+        return None, None
+    neck, fall, height = hair_fall_zones(body)
+    K, w2c = camera.torch(torch.float64)
+    cam_v = torch.as_tensor(vertices, dtype=torch.float64) @ w2c[:3, :3].T + w2c[:3, 3]
+    body_mask = rasterize(cam_v, torch.as_tensor(faces), K, camera.width, camera.height).face_id.numpy() >= 0
+    z = cam_v[:, 2].numpy()
+    front = z > 1e-6
+    if not front.any():
+        return None, None
+    pixels = np.full((len(z), 2), np.nan)
+    pixels[front] = cam_v[front, :2].numpy() / z[front, None] * np.diag(camera.K)[:2] + camera.K[:2, 2]
+    ear_px = ear_distance(body, vertices) * float(camera.K[0, 0]) / float(np.median(z[front]))
+    hair = np.asarray(texture.crown, np.float64) / 255.0
+    if not long_hair_shown(photo, person, body_mask, pixels, neck, hair, ear_px):
+        return None, None
+    return hair.astype(np.float32), np.stack([fall, height], 1)
 
 
 def blended_parts(part: np.ndarray, faces: np.ndarray, rounds: int = PART_BLEND_ROUNDS) -> tuple[np.ndarray, np.ndarray]:
@@ -276,4 +306,11 @@ def colour_surface(points: np.ndarray, normals: np.ndarray, mesh_vertices: np.nd
     # on the body, two guesses for the unseen: the smooth fill over the surface and the colour
     # carried through; their mean errs less than either (measured over the synthetic set)
     out[rest[todo]] = np.where(on_body[:, None], through_weight * through + (1 - through_weight) * fill, through)
+    if priors.hair is not None and priors.hair_fall is not None:  # long hair down the upper back
+        from .head_zones import hair_reach
+
+        t = np.nonzero(todo)[0]
+        fall, height = (bary[t, :, None] * priors.hair_fall[priors.body_faces[face[t]]]).sum(1).T
+        w = hair_reach(fall, height, dist[t] >= NEAR_BODY_M)
+        out[rest[t]] += w[:, None] * (priors.hair - out[rest[t]])
     return out

@@ -34,6 +34,7 @@ class UVTexture:
     image: np.ndarray  # (S,S,3) uint8, v up (image row = (1 - v) * S)
     source: np.ndarray  # (S,S) uint8: EMPTY, SEEN, MIRRORED, SMOOTHED or CROWN
     confidence: np.ndarray  # (S,S) float32 in [0,1]: facing cosine of seen texels, 0 elsewhere
+    crown: np.ndarray | None = None  # (3,) float in [0,255]: the crown's colour (`head_zones`), None if unseen
 
 
 def uv_to_texel(uv: np.ndarray, size: int) -> np.ndarray:
@@ -379,4 +380,4 @@ def bake_photo_texture(photo_rgb: np.ndarray, camera: Camera, vertices_world: to
     image = push_pull(image, covered.astype(np.float32))
     src = np.zeros((S, S), dtype=np.uint8)
     src.reshape(-1)[flat] = source
-    return UVTexture(np.clip(np.rint(image), 0, 255).astype(np.uint8), src, confidence)
+    return UVTexture(np.clip(np.rint(image), 0, 255).astype(np.uint8), src, confidence, hair)
