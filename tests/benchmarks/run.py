@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             status = "ok" if r.ok else f"FAILED ({r.error})"
             print(f"{folder.name:16s} {quality:8s} {status} {json.dumps(r.metrics)} {r.seconds.get('total', 0):.1f}s", flush=True)
         if not args.no_docs:
+            if args.merge:  # the qualities this run did not redo stay in the picture, in the table's order
+                kept = {q: args.out / "jobs" / f"{folder.name}_{q}" for q in available_qualities()}
+                jobs = {q: jobs.get(q, kept[q]) for q in kept if q in jobs or (kept[q] / "eval").is_dir()}
             gallery(folder, jobs, DOCS / "gallery" / f"{folder.name}.png")
     machine = machine_description()
     name = "results_height.json" if args.known_height else "results.json"
