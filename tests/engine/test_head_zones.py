@@ -255,3 +255,32 @@ def test_long_hair_in_the_photo_colours_the_upper_back_and_its_shell(subject):
         out = colour_surface(np.concatenate([points, mesh_v[shell]]), np.concatenate([normals, n[shell]]), mesh_v, faces, priors)
         err = np.abs(out[:3] - np.array(expect)).mean(1)
         assert err.max() < 0.12, (long_hair, out[:3])
+
+
+def test_front_photo_with_long_hair_gives_the_bare_upper_back_the_hair(subject):
+    """The fast path's body (no shell): locks beside the neck put the hair on the upper back down
+    to the shoulders' level; the back below and a photo without the locks keep the fill."""
+    body = subject["body"]
+    size = 256
+    fid, bary = texel_surface_map(body.faces, body.corner_uv, size)
+    covered = fid >= 0
+    points = (bary[..., None] * subject["verts"].numpy()[body.faces[fid.clip(0)]]).sum(-2)
+    d = points - subject["ears"]
+    kp = subject["kp"]
+    behind = covered & (d[..., 1] > 0.05) & (np.abs(d[..., 0]) < 0.05)  # the middle of the back
+    upper = behind & (points[..., 2] < subject["ears"][2] - 0.08) & (points[..., 2] > kp[5:7, 2].mean() - 0.01)
+    lower = behind & (points[..., 2] < kp[5:7, 2].mean() - 0.2)
+    assert upper.sum() > 30 and lower.sum() > 100
+    for long_hair in (True, False):
+        shot, cam, mask = photo(subject, [0.0, -1.0, 0.0], long_hair=long_hair)
+        tex = bake_photo_texture(shot, cam, subject["verts"], body, mask=mask, size=size)
+        assert tex.long_hair == long_hair
+        hair_err = np.abs(tex.image[upper].astype(np.float64) / 255 - HAIR).mean(-1)
+        if long_hair:
+            assert np.median(hair_err) < 0.08 and (tex.source[upper] == CROWN).mean() > 0.8
+        else:
+            assert hair_err.min() > 0.15
+        assert np.abs(tex.image[lower].astype(np.float64) / 255 - HAIR).mean(-1).min() > 0.15
+    # without a person mask the same locks are no evidence (a background of that colour would pass)
+    shot, cam, _ = photo(subject, [0.0, -1.0, 0.0], long_hair=True)
+    assert not bake_photo_texture(shot, cam, subject["verts"], body, mask=None, size=64).long_hair

@@ -20,8 +20,9 @@ the back view +0.5 dB; docs/BENCHMARKS.md).
 Long hair goes further: it falls from the head down the upper back, where an optimised shell
 stands off the body, and a front photo shows it only where it passes the neck and lies on the
 shoulders. When the photo shows the crown's colour there, off the body's own silhouette
-(`long_hair_shown`), a shell behind the upper back (`fall_zones_from_keypoints`) is taken to be
-that hair rather than the shirt carried through. On the synthetic set the crown-coloured area
+(`long_hair_shown`), the upper back behind the shoulders (`fall_zones_from_keypoints`) is taken
+to be that hair rather than the shirt: the bare body down to the shoulders' level, and an
+optimised shell standing off it down to its lower edge (`hair_reach`). On the synthetic set the crown-coloured area
 beside the neck was 0.09-0.10 ear distances squared for the long-haired subject and at most 0.02
 for the 15 others (caps, a hat's brim, a puffy jacket's collar, short hair): `MIN_HAIR_AREA` sits
 between.
@@ -175,6 +176,20 @@ def long_hair_shown(photo: np.ndarray, person: np.ndarray, body_mask: np.ndarray
     ok = np.isfinite(body_pixels).all(1)
     _, nearest = cKDTree(body_pixels[ok]).query(np.stack([xs, ys], 1).astype(np.float64))
     return float(neck[ok][nearest].sum()) >= MIN_HAIR_AREA * ear_px ** 2
+
+
+def long_hair_in_photo(photo: np.ndarray, person: np.ndarray, body_mask: np.ndarray, body: BodyModel,
+                       vertices: np.ndarray, camera, hair: np.ndarray) -> bool:
+    """`long_hair_shown` for a posed body (V,3) seen by ``camera`` (`cameras.Camera`) in the
+    photo (H,W,3) in [0,1], with its person mask and the body's own silhouette (H,W) bool."""
+    z = camera.to_cam(vertices)[:, 2]
+    front = z > 1e-6
+    if not front.any():
+        return False
+    pixels = np.full((len(z), 2), np.nan)
+    pixels[front] = camera.project(vertices[front])
+    ear_px = ear_distance(body, vertices) * float(camera.K[0, 0]) / float(np.median(z[front]))
+    return long_hair_shown(photo, person, body_mask, pixels, hair_fall_zones(body)[0], hair, ear_px)
 
 
 def crown_colour(colours: np.ndarray, seen: np.ndarray, on_crown: np.ndarray) -> np.ndarray | None:

@@ -82,44 +82,29 @@ def build_colour_priors(photo_rgb: np.ndarray, camera: Camera, mask: np.ndarray 
     verts = torch.as_tensor(posed_vertices).detach().cpu().double()
     tex = bake_photo_texture(photo_rgb, camera, verts, body, mask=mask, size=texture_size)
     H, W = photo_rgb.shape[:2]
-    whole = np.ones((H, W), bool) if mask is None else (np.asarray(mask, np.float32) > 0.5)
-    core = erode_mask(whole, max(3, round(CREASE_MARGIN * max(H, W))))
-    person = erode_mask(whole, max(2, round(0.003 * max(H, W))))
+    person = np.ones((H, W), bool) if mask is None else (np.asarray(mask, np.float32) > 0.5)
+    core = erode_mask(person, max(3, round(CREASE_MARGIN * max(H, W))))
+    person = erode_mask(person, max(2, round(0.003 * max(H, W))))
     idx = body.skin_indices.cpu().numpy()
     w = body.skin_weights.cpu().numpy()
     part = dominant_chains(idx, w, body.bone_parents)
     faces = np.asarray(body.faces, np.int64)
     ids, blend = blended_parts(part, faces)
     photo = np.asarray(photo_rgb, np.float32)[..., :3] / 255.0
-    hair, fall = long_hair(photo, camera, whole, body, verts.numpy(), faces, tex)  # a lock is a few pixels wide
+    hair, fall = long_hair(body, tex)
     return ColourPriors(photo, camera, person, core, tex, verts.numpy(), faces, np.asarray(body.corner_uv, np.float32),
                         part, np.asarray(body.bone_parents, np.int64), ids, blend, hair, fall)
 
 
-def long_hair(photo: np.ndarray, camera: Camera, person: np.ndarray, body, vertices: np.ndarray, faces: np.ndarray,
-              texture: UVTexture) -> tuple[np.ndarray | None, np.ndarray | None]:
+def long_hair(body, texture: UVTexture) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(colour (3,) in [0,1], fall and height (V,2)) of long hair the photo shows falling past
-    the neck (`head_zones.long_hair_shown`), or (None, None)."""
-    from .head_zones import ear_distance, hair_fall_zones, long_hair_shown
-    from .render.raster import rasterize
+    the neck (the texture bake's `head_zones.long_hair_in_photo`), or (None, None)."""
+    from .head_zones import hair_fall_zones
 
-    if texture.crown is None:
+    if texture.crown is None or not texture.long_hair:
         return None, None
-    neck, fall, height = hair_fall_zones(body)
-    K, w2c = camera.torch(torch.float64)
-    cam_v = torch.as_tensor(vertices, dtype=torch.float64) @ w2c[:3, :3].T + w2c[:3, 3]
-    body_mask = rasterize(cam_v, torch.as_tensor(faces), K, camera.width, camera.height).face_id.numpy() >= 0
-    z = cam_v[:, 2].numpy()
-    front = z > 1e-6
-    if not front.any():
-        return None, None
-    pixels = np.full((len(z), 2), np.nan)
-    pixels[front] = cam_v[front, :2].numpy() / z[front, None] * np.diag(camera.K)[:2] + camera.K[:2, 2]
-    ear_px = ear_distance(body, vertices) * float(camera.K[0, 0]) / float(np.median(z[front]))
-    hair = np.asarray(texture.crown, np.float64) / 255.0
-    if not long_hair_shown(photo, person, body_mask, pixels, neck, hair, ear_px):
-        return None, None
-    return hair.astype(np.float32), np.stack([fall, height], 1)
+    _, fall, height = hair_fall_zones(body)
+    return (np.asarray(texture.crown, np.float32) / 255.0), np.stack([fall, height], 1)
 
 
 def blended_parts(part: np.ndarray, faces: np.ndarray, rounds: int = PART_BLEND_ROUNDS) -> tuple[np.ndarray, np.ndarray]:

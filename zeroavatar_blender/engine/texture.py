@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .body.base import BodyModel
 from .cameras import Camera
-from .head_zones import crown_colour, head_zones
+from .head_zones import crown_colour, hair_fall_zones, hair_reach, head_zones, long_hair_in_photo
 from .render.raster import rasterize, vertex_normals
 
 EMPTY, SEEN, MIRRORED, SMOOTHED, CROWN = 0, 1, 2, 3, 4  # UVTexture.source codes
@@ -35,6 +35,7 @@ class UVTexture:
     source: np.ndarray  # (S,S) uint8: EMPTY, SEEN, MIRRORED, SMOOTHED or CROWN
     confidence: np.ndarray  # (S,S) float32 in [0,1]: facing cosine of seen texels, 0 elsewhere
     crown: np.ndarray | None = None  # (3,) float in [0,255]: the crown's colour (`head_zones`), None if unseen
+    long_hair: bool = False  # the photo shows hair of the crown's colour falling past the neck
 
 
 def uv_to_texel(uv: np.ndarray, size: int) -> np.ndarray:
@@ -331,6 +332,7 @@ def bake_photo_texture(photo_rgb: np.ndarray, camera: Camera, vertices_world: to
     footprint = 2.0 * z / float(camera.K[0, 0])
     visible = z <= depth[py, px] + DEPTH_TOLERANCE_M + footprint
     seen = inside & visible & (facing > MIN_FACING)
+    person = np.ones((H, W), bool)
     if mask is not None:
         radius = mask_erode_px if mask_erode_px is not None else max(2, round(0.003 * max(H, W)))
         person = mask > 0.5 if np.issubdtype(mask.dtype, np.floating) else mask.astype(bool)  # soft masks too
@@ -370,8 +372,19 @@ def bake_photo_texture(photo_rgb: np.ndarray, camera: Camera, vertices_world: to
     # the fill at the zone's edges; after the fill, so the hair does not bleed down the neck.
     back_v, crown_v = head_zones(body)
     hair = crown_colour(colors, seen, (b * crown_v[faces[fid]]).sum(1) > 0.5)
+    long_hair = False
     if hair is not None:
-        w = np.where(rest, (b * back_v[faces[fid]]).sum(1), 0.0)
+        zone = back_v
+        # long hair the photo shows falling past the neck lies on the upper back too, at least
+        # down to the shoulders' level (a shell standing off the back may show it longer:
+        # surface_colour); a lock is a few pixels wide: the person mask uneroded (and needed:
+        # without it a background of the hair's colour would pass for hair)
+        long_hair = mask is not None and long_hair_in_photo(photo.astype(np.float64) / 255.0, person, np.isfinite(depth), body,
+                                       verts.numpy(), camera, hair / 255.0)
+        if long_hair:
+            _, fall, height = hair_fall_zones(body)
+            zone = np.maximum(zone, hair_reach(fall, height, np.zeros(len(fall), bool)))
+        w = np.where(rest, (b * zone[faces[fid]]).sum(1), 0.0)
         colors = colors + w[:, None] * (hair - colors)
         source[w > 0.5] = CROWN
 
@@ -380,4 +393,4 @@ def bake_photo_texture(photo_rgb: np.ndarray, camera: Camera, vertices_world: to
     image = push_pull(image, covered.astype(np.float32))
     src = np.zeros((S, S), dtype=np.uint8)
     src.reshape(-1)[flat] = source
-    return UVTexture(np.clip(np.rint(image), 0, 255).astype(np.uint8), src, confidence, hair)
+    return UVTexture(np.clip(np.rint(image), 0, 255).astype(np.uint8), src, confidence, hair, long_hair)
