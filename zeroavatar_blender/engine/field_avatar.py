@@ -333,6 +333,10 @@ def build_field_avatar(job: Job, settings, body, params, fit, ckpt: dict[str, An
         texture = bake_texture(posed_v2, new_faces, corner_uv, field_colour, size=settings.texture_size)
     else:
         priors = _colour_priors(photo, perception, settings, body, fit, out.vertices[0])
+        if priors.hair is not None:
+            from .finalise import LONG_HAIR_NOTE
+
+            job.info(LONG_HAIR_NOTE)
         unseen = field_colour if settings.quality == "full" else None
         texture = bake_surface_texture(posed_v2, new_faces, corner_uv, priors, settings.texture_size, unseen,
                                        through_weight=fc.through_weight)

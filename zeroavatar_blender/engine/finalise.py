@@ -17,6 +17,8 @@ from .job import Job, output_error
 from .pipeline import JobSettings, load_job_body
 
 
+LONG_HAIR_NOTE = "The photo shows hair falling past the neck: the upper back takes the hair's colour"
+
 def publish_folder(partial: Path, final: Path) -> None:
     """Replace ``final`` by ``partial`` with renames only (the old one is removed after the swap)."""
     old = final.with_name(final.name + ".old")
@@ -76,6 +78,8 @@ def fast_bundle(job: Job, settings: JobSettings, body, params, fit):
     mask = perception.mask if perception.mask.shape[:2] == photo.rgb.shape[:2] else None
     job.stage("texture", "Projecting the photo onto the body's UV layout")
     texture = bake_photo_texture(photo.rgb, camera, out.vertices[0], body, mask=mask, size=settings.texture_size)
+    if texture.long_hair:
+        job.info(LONG_HAIR_NOTE)
     job.check_cancel()
     bundle = build_body_avatar(body, params, texture.image, camera=fit.camera, subject=settings.subject,
                                quality="fast", extra_meta={"source_photo": settings.source_photo,
