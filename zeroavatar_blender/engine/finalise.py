@@ -19,6 +19,7 @@ from .pipeline import JobSettings, load_job_body
 
 LONG_HAIR_NOTE = "The photo shows hair falling past the neck: the upper back takes the hair's colour"
 
+
 def publish_folder(partial: Path, final: Path) -> None:
     """Replace ``final`` by ``partial`` with renames only (the old one is removed after the swap)."""
     old = final.with_name(final.name + ".old")

@@ -104,7 +104,7 @@ def long_hair(body, texture: UVTexture) -> tuple[np.ndarray | None, np.ndarray |
     if texture.crown is None or not texture.long_hair:
         return None, None
     _, fall, height = hair_fall_zones(body)
-    return (np.asarray(texture.crown, np.float32) / 255.0), np.stack([fall, height], 1)
+    return np.asarray(texture.crown, np.float32) / 255.0, np.stack([fall, height], 1)
 
 
 def blended_parts(part: np.ndarray, faces: np.ndarray, rounds: int = PART_BLEND_ROUNDS) -> tuple[np.ndarray, np.ndarray]:

@@ -379,8 +379,8 @@ def bake_photo_texture(photo_rgb: np.ndarray, camera: Camera, vertices_world: to
         # down to the shoulders' level (a shell standing off the back may show it longer:
         # surface_colour); a lock is a few pixels wide: the person mask uneroded (and needed:
         # without it a background of the hair's colour would pass for hair)
-        long_hair = mask is not None and long_hair_in_photo(photo.astype(np.float64) / 255.0, person, np.isfinite(depth), body,
-                                       verts.numpy(), camera, hair / 255.0)
+        long_hair = mask is not None and long_hair_in_photo(
+            photo.astype(np.float64) / 255.0, person, np.isfinite(depth), body, verts.numpy(), camera, hair / 255.0)
         if long_hair:
             _, fall, height = hair_fall_zones(body)
             zone = np.maximum(zone, hair_reach(fall, height, np.zeros(len(fall), bool)))
