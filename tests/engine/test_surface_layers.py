@@ -6,7 +6,9 @@ import numpy as np
 import trimesh
 
 from zeroavatar_blender.engine.extract import MeshData
-from zeroavatar_blender.engine.surface_layers import body_layer, join, open_face_set, shell_layer
+from zeroavatar_blender.engine.surface_layers import (
+    body_layer, join, open_face_set, rim_vertices, shell_layer, tuck_rim,
+)
 
 
 def _sphere(radius: float, subdivisions: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -125,3 +127,26 @@ def test_a_flap_goes_and_the_body_under_it_stays():
     assert not toward(body, garment_dir).any()  # under the garment: no body
     off = layers(body_v, body_f, surface, hide=0.01, flap_faces=0)  # switched off: as before
     assert off[1].num_faces == plain_shell.num_faces and off[0].num_faces == plain_body.num_faces
+
+
+def test_the_shells_open_edge_goes_under_the_body_and_nothing_else_moves():
+    """A hat's shell over a head ends a centimetre off it (the layers' seam): rendered, a dark slit
+    along the hat's edge. Tucked, its edge lies 4 mm under the head's surface; the rest of the
+    shell, and an edge too far from the body to be a seam, stay where they were."""
+    body_v, body_f = _sphere(0.1)
+    surface = _capped(0.108, 0.054, 0.13)  # 8 mm off the head (within ``hide``), 3 cm over its top
+    body = body_layer(body_v, body_f, surface, hide=0.01)
+    shell = shell_layer(surface, body, hide=0.01, min_faces=8)
+    rim = rim_vertices(shell)
+    assert rim.sum() > 10 and not rim.all()
+    gap = np.linalg.norm(shell.vertices[rim], axis=1) - 0.1
+    assert gap.min() > 0.005  # the edge stands off the head: the slit
+    tucked = tuck_rim(shell, body_v, body_f, depth=0.004, reach=0.03)
+    depth = 0.1 - np.linalg.norm(tucked.vertices[rim], axis=1)
+    assert np.allclose(depth, 0.004, atol=0.0015)  # under the (faceted) sphere's surface
+    assert np.array_equal(tucked.vertices[~rim], shell.vertices[~rim]) and np.array_equal(tucked.faces, shell.faces)
+    far = tuck_rim(shell, body_v, body_f, depth=0.004, reach=0.005)  # the edge is further than this: left alone
+    assert np.array_equal(far.vertices, shell.vertices)
+    closed = MeshData(*_sphere(0.13, 2))
+    assert not rim_vertices(closed).any() and np.array_equal(tuck_rim(closed, body_v, body_f, depth=0.004,
+                                                                       reach=0.05).vertices, closed.vertices)

@@ -75,6 +75,8 @@ class FinaliseConfig:
     layer_hide: float = 0.01  # about a marching-cubes cell: it bridges concavities finer than that
     flap_faces: int = 256  # shell pieces this small and within flap_off of the body go (surface_layers.layers)
     flap_off: float = 0.03
+    rim_depth: float = 0.004  # the shell's open edge goes this far under the body's surface ...
+    rim_reach: float = 0.03  # ... where it comes this close to it (surface_layers.tuck_rim)
 
 
 def snap_to_body(vertices: np.ndarray, body_vertices: np.ndarray, body_faces: np.ndarray,
@@ -238,15 +240,18 @@ def layered_surface(surface, body_v: np.ndarray, body_f: np.ndarray, fc: Finalis
     stands off it (surface_layers.py). ``target_faces`` (0: any): the shell gets what the body
     leaves of it (at least a third); over it still, the whole is decimated (a low-poly budget)."""
     from .extract import decimate
-    from .surface_layers import join, layers
+    from .surface_layers import join, layers, tuck_rim
 
     body, shell = layers(body_v, body_f, surface, hide=fc.layer_hide, flap_faces=fc.flap_faces, flap_off=fc.flap_off)
-    if not target_faces:
-        return join(body, shell)
-    budget = max(target_faces - body.num_faces, target_faces // 3)
-    if shell.num_faces > budget:
-        shell = decimate(shell, budget)
+    if target_faces:
+        budget = max(target_faces - body.num_faces, target_faces // 3)
+        if shell.num_faces > budget:
+            shell = decimate(shell, budget)
+    if fc.rim_depth > 0:
+        shell = tuck_rim(shell, body_v, body_f, depth=fc.rim_depth, reach=fc.rim_reach)
     both = join(body, shell)
+    if not target_faces:
+        return both
     return decimate(both, target_faces) if both.num_faces > target_faces else both
 
 

@@ -140,6 +140,40 @@ def flap_faces_of(shell: MeshData, body_v: np.ndarray, body_f: np.ndarray, max_f
     return (size < max_faces)[piece] & ~far[piece]
 
 
+def rim_vertices(mesh: MeshData) -> np.ndarray:
+    """(V,) bool: the vertices on the mesh's open edges (edges only one face uses)."""
+    f = np.asarray(mesh.faces, np.int64)
+    rim = np.zeros(mesh.num_vertices, bool)
+    if len(f) == 0:
+        return rim
+    edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+    unique, count = np.unique(edges, axis=0, return_counts=True)
+    rim[unique[count == 1].ravel()] = True
+    return rim
+
+
+def tuck_rim(shell: MeshData, body_v: np.ndarray, body_f: np.ndarray, *, depth: float, reach: float) -> MeshData:
+    """The shell with its open edge pushed ``depth`` under the body's surface where it comes
+    within ``reach`` of it. The shell ends where it meets the body, about a centimetre off it
+    (``hide``), over the body layer's edge: rendered, that centimetre is a dark slit into the
+    avatar along the garment's edge (Cycles, flat grey texture: the long hair's and the skirt's
+    outlines drawn as cracks). Under the skin the two layers meet in a crease instead."""
+    from .mesh_rig import closest_body_points
+
+    rim = np.nonzero(rim_vertices(shell))[0]
+    if len(rim) == 0 or len(body_f) == 0:
+        return shell
+    bv, bf = np.asarray(body_v, np.float64), np.asarray(body_f, np.int64)
+    face, bary, dist = closest_body_points(shell.vertices[rim].astype(np.float64), bv, bf, k=8)
+    near = dist < reach
+    tri = bv[bf[face[near]]]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-12)
+    v = shell.vertices.astype(np.float64).copy()
+    v[rim[near]] = (tri * bary[near, :, None]).sum(1) - depth * normal
+    return MeshData(v, shell.faces)
+
+
 def join(a: MeshData, b: MeshData) -> MeshData:
     """Both meshes as one (separate pieces, as a character's clothes are over its body)."""
     return MeshData(np.concatenate([a.vertices, b.vertices]).astype(np.float64),
