@@ -217,17 +217,23 @@ def drop_small_pieces(mesh: MeshData, min_faces: int) -> MeshData:
     return _subset(mesh, np.bincount(face_label)[face_label] >= min_faces)
 
 
-def boundary_loops(faces: np.ndarray, num_vertices: int) -> list[np.ndarray]:
-    """Closed loops of boundary edges, each (k, 2) directed edges in walking order.
+def boundary_edges(faces: np.ndarray, num_vertices: int) -> np.ndarray:
+    """(k, 2) directed boundary edges: those whose reverse no face has (a mesh's open edges)."""
+    faces = np.asarray(faces, np.int64)
+    if len(faces) == 0:
+        return np.zeros((0, 2), np.int64)
+    half = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    n = np.int64(num_vertices)
+    return half[~np.isin(half[:, 1] * n + half[:, 0], half[:, 0] * n + half[:, 1])]
 
-    A boundary edge is a directed edge whose reverse no face has. Where two holes touch at a
-    vertex the walk splits them into separate loops.
+
+def boundary_loops(faces: np.ndarray, num_vertices: int) -> list[np.ndarray]:
+    """Closed loops of boundary edges (`boundary_edges`), each (k, 2) directed edges in walking
+    order. Where two holes touch at a vertex the walk splits them into separate loops.
     """
     if len(faces) == 0:
         return []
-    half = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    n = np.int64(num_vertices)
-    boundary = half[~np.isin(half[:, 1] * n + half[:, 0], half[:, 0] * n + half[:, 1])]
+    boundary = boundary_edges(faces, num_vertices)
     outgoing: dict[int, list[int]] = {}
     for i, a in enumerate(boundary[:, 0].tolist()):
         outgoing.setdefault(a, []).append(i)

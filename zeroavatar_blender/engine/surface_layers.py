@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .extract import MeshData, _subset, drop_small_pieces, face_components
+from .extract import MeshData, _subset, boundary_edges, drop_small_pieces, face_components
 
 
 def body_layer(body_v: np.ndarray, body_f: np.ndarray, surface: MeshData, *, hide: float,
@@ -141,14 +141,9 @@ def flap_faces_of(shell: MeshData, body_v: np.ndarray, body_f: np.ndarray, max_f
 
 
 def rim_vertices(mesh: MeshData) -> np.ndarray:
-    """(V,) bool: the vertices on the mesh's open edges (edges only one face uses)."""
-    f = np.asarray(mesh.faces, np.int64)
+    """(V,) bool: the vertices on the mesh's open edges (`extract.boundary_edges`)."""
     rim = np.zeros(mesh.num_vertices, bool)
-    if len(f) == 0:
-        return rim
-    edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
-    unique, count = np.unique(edges, axis=0, return_counts=True)
-    rim[unique[count == 1].ravel()] = True
+    rim[boundary_edges(mesh.faces, mesh.num_vertices).ravel()] = True
     return rim
 
 
