@@ -31,6 +31,7 @@ between.
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,7 +56,18 @@ FALL_HALF_WIDTH = 0.9  # ... between the shoulder blades' outer edges (shoulders
 HAIR_TOLERANCE = 0.15  # RGB distance in [0,1] from the crown's colour that counts as the same hair
 MIN_HAIR_AREA = 0.04  # ear distances squared of hair beside the neck that make long hair
 
-_ZONES: "weakref.WeakKeyDictionary[BodyModel, tuple[np.ndarray, ...]]" = weakref.WeakKeyDictionary()
+class _Zones(NamedTuple):
+    """A body topology's zones (from its zero pose) and its two ear vertices."""
+
+    back: np.ndarray
+    crown: np.ndarray
+    neck: np.ndarray
+    fall: np.ndarray
+    height: np.ndarray
+    ears: np.ndarray  # (2,) the vertices nearest the ear keypoints
+
+
+_ZONES: "weakref.WeakKeyDictionary[BodyModel, _Zones]" = weakref.WeakKeyDictionary()
 
 
 def smooth_ramp(x: np.ndarray) -> np.ndarray:
@@ -128,34 +140,33 @@ def hair_reach(fall: np.ndarray, height: np.ndarray, off_body: np.ndarray) -> np
     return fall * smooth_ramp((height - end) / FALL_RAMP + 1.0)
 
 
-def _zones(body: BodyModel) -> tuple[np.ndarray, ...]:
-    """(back, crown, neck, fall, height, ears) of a body's topology from its zero pose, ears (2,) the
-    vertices nearest the ear keypoints; cached per body."""
+def _zones(body: BodyModel) -> _Zones:
+    """All the zones of a body's topology, from its zero pose; cached per body."""
     if body not in _ZONES:
         with torch.no_grad():
             out = body.forward(body.zero_params())
         v = out.vertices[0].detach().cpu().double().numpy()
         kp = out.keypoints[0].detach().cpu().double().numpy()
         ears = np.array([np.argmin(np.linalg.norm(v - kp[k], axis=1)) for k in (3, 4)])
-        _ZONES[body] = zones_from_keypoints(v, kp) + fall_zones_from_keypoints(v, kp) + (ears,)  # type: ignore[operator]
+        _ZONES[body] = _Zones(*zones_from_keypoints(v, kp), *fall_zones_from_keypoints(v, kp), ears)
     return _ZONES[body]
 
 
 def head_zones(body: BodyModel) -> tuple[np.ndarray, np.ndarray]:
     """(back, crown) of a body's topology (`zones_from_keypoints`), from its zero pose; cached per body."""
-    back, crown = _zones(body)[:2]
-    return back, crown
+    z = _zones(body)
+    return z.back, z.crown
 
 
 def hair_fall_zones(body: BodyModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(neck, fall, height) of a body's topology (`fall_zones_from_keypoints`), from its zero pose; cached per body."""
-    _, _, neck, fall, height, _ = _zones(body)
-    return neck, fall, height
+    z = _zones(body)
+    return z.neck, z.fall, z.height
 
 
 def ear_distance(body: BodyModel, vertices: np.ndarray) -> float:
     """The ear-to-ear distance of a posed body (V,3): the unit of the zones, for its pixels."""
-    i, j = _zones(body)[5]
+    i, j = _zones(body).ears
     return float(np.linalg.norm(vertices[i] - vertices[j]))
 
 
