@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ TOOLS = ROOT / ".tools"
 CACHE = ROOT / ".cache"
 REQ = ROOT / "requirements"
 STAMP = VENV / ".zeroavatar-setup"
+# The environment is about 3.5 GB once installed (torch, bpy, diffusers, mediapipe), and pip
+# unpacks the wheels in the temporary folder on the way, so a nearly full disk fails halfway.
+SETUP_NEEDS_BYTES = 6 * 1024 ** 3
 
 
 def venv_python() -> Path:
@@ -61,12 +65,32 @@ def _requirements_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def disk_space_problem(folders: list[Path], need_bytes: int) -> str | None:
+    """Say which folder is short of space before pip fails halfway with ENOSPC."""
+    short = []
+    for folder in folders:
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < need_bytes:
+            short.append(f"{folder} has {free / 1024 ** 3:.1f} GB free")
+    if not short:
+        return None
+    return (f"setup needs about {need_bytes / 1024 ** 3:.0f} GB free for the Python environment "
+            f"and pip's unpacking: {'; '.join(short)}. Free some space (or point TMPDIR elsewhere) "
+            "and run `python3 build.py setup` again.")
+
+
 def setup(args: argparse.Namespace) -> None:
     started = time.time()
     want = _requirements_hash()
     if not venv_python().exists():
         run([sys.executable, "-m", "venv", str(VENV)])
     if not STAMP.exists() or STAMP.read_text().strip() != want:
+        problem = disk_space_problem([VENV, Path(tempfile.gettempdir())], SETUP_NEEDS_BYTES)
+        if problem:
+            print("warning:", problem, flush=True)
         py = str(venv_python())
         run([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=False)
         # The lock file pins every transitive package; torch is the CPU build (a CUDA build
