@@ -148,6 +148,10 @@ def stage_fit(job: Job, settings: JobSettings) -> None:
     job.info(f"Body fitted in {time.time() - started:.1f} s" + (f", silhouette IoU {iou:.2f}" if iou is not None else "")
              + (f", standing height {height:.2f} m ({'as given' if settings.height_m else 'estimated'})"
                 if height is not None else ""))
+    if fit.metrics.get("age_start") is not None:
+        job.info("The photo's proportions look younger than an adult's (a larger head for the body): the "
+                 "fit started again from a younger body and kept it. If the size is wrong, give the standing "
+                 "height (Height in the panel, --height on the command line)")
 
 
 def stage_optimise(job: Job, settings: JobSettings, *, resume: bool = False) -> None:
