@@ -5,7 +5,8 @@ made by `python -m tests.benchmarks.run`, ground truth in ``bench_output/gt/CASE
 engine's default lens, as the benchmark's engine runs do, and prints per case: the fit's silhouette
 IoU, MPJPE (mid-hip aligned) and PA-MPJPE of the 17 COCO joints, PVE (mean vertex error after a
 similarity alignment of the posed fitted body onto the bare ground-truth body, same Anny topology),
-shape PVE (the same for both bodies in the natural pose: shape alone) and the true and fitted
+shape PVE (the same for both bodies in the natural pose: shape alone), the young start the fit
+kept ("adult" when it kept its first fit; ``FitConfig.young_starts``) and the true and fitted
 phenotypes. ``--set NAME=VALUE`` overrides a FitConfig field, for tuning (``--set
 shape_pre_iterations=0 shape_post_iterations=0`` is the fit without its shape refinement).
 ``--known-height`` gives each fit the true body's standing height, as a user who knows it would
@@ -99,6 +100,7 @@ def evaluate_case(body: BodyModel, case_dir: Path, perception_path: Path, config
         "shape_true": [round(float(v), 3) for v in true_shape],
         "shape_fit": [round(float(v), 3) for v in fit.params.shape[0]],
         "cpu_s": cpu,
+        "age_start": fit.metrics.get("age_start"),  # the young start the fit kept (FitConfig.young_starts)
     }
 
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     names = body.shape_names
     print(f"phenotypes: {', '.join(names)}; PVE after a similarity alignment; times are CPU seconds on one thread")
     print(f"{'case':15s} {'IoU':>6s} {'MPJPE':>6s} {'PA':>6s} {'PVE':>6s} {'sPVE':>6s} {'weight':>11s} "
-          f"{'height m':>11s} {'cpu s':>6s}  true -> fitted phenotypes")
+          f"{'height m':>11s} {'cpu s':>6s} {'start':>5s}  true -> fitted phenotypes")
     rows = {}
     w = names.index("weight")
     warm = args.out / "jobs" / f"{args.cases.split(',')[0]}_fast" / "perception.npz"
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = m
         print(f"{name:15s} {m['iou']:6.3f} {m['mpjpe_mm']:6.1f} {m['pa_mpjpe_mm']:6.1f} {m['pve_mm']:6.1f} "
               f"{m['shape_pve_mm']:6.1f} {m['shape_true'][w]:5.2f}/{m['shape_fit'][w]:<5.2f} "
-              f"{m['height_true_m']:5.2f}/{m['height_fit_m']:<5.2f} {m['cpu_s']:6.2f}  "
+              f"{m['height_true_m']:5.2f}/{m['height_fit_m']:<5.2f} {m['cpu_s']:6.2f} "
+              f"{'adult' if m['age_start'] is None else m['age_start']:>5}  "
               f"{m['shape_true']} -> {m['shape_fit']}", flush=True)
     keys = ("iou", "mpjpe_mm", "pa_mpjpe_mm", "pve_mm", "shape_pve_mm", "cpu_s")
     mean = {k: float(np.mean([r[k] for r in rows.values()])) for k in keys}
