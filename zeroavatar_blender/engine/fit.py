@@ -195,9 +195,9 @@ class FitConfig:
     # size prior holds age near it: a 0.88 m child was fitted 1.43 m tall at age 0.41. When the
     # first fit's age ends ``young_lean`` prior deviations or more under the mean, stage 3 is
     # run again from each of ``young_starts`` (the body shrunk to it, as far from the camera by
-    # the same ratio) and the fit with the lowest objective is kept. bench_fit_shape, the 16
-    # photos: MPJPE 81.8 -> 67 mm, the child 184 -> 44 mm; the three that lean are the three
-    # subjects under age 0.45 (see docs/BENCHMARKS.md). Empty: off.
+    # the same ratio), and the one with the lowest objective is kept if it beats the first by
+    # ``young_margin``. bench_fit_shape, the 16 photos: MPJPE 81.8 -> 69.3 mm; three lean, two keep
+    # a young start (the child 184 -> 44 mm; see docs/BENCHMARKS.md). Empty: off.
     young_starts: tuple[float, ...] = (0.15, 0.3)
     young_lean: float = 0.25
     # A young start must lower the objective by this share to be kept: a near tie keeps the adult,
