@@ -199,7 +199,7 @@ class FitConfig:
     # ``young_margin``. bench_fit_shape, the 16 photos: MPJPE 81.8 -> 69.3 mm; three lean, two keep
     # a young start (the child 184 -> 44 mm; see docs/BENCHMARKS.md). Empty: off.
     young_starts: tuple[float, ...] = (0.15, 0.3)
-    young_lean: float = 0.25
+    young_lean: float = 0.1
     # A young start must lower the objective by this share to be kept: a near tie keeps the adult,
     # the likelier subject (a synthetic crouch, its legs foreshortened like a child's, tied within 0.1 %).
     young_margin: float = 0.03
