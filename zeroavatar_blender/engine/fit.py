@@ -263,7 +263,8 @@ def _fit_body(perception: Any, body: BodyModel, *, focal_px: float | None, itera
     prior = _prior(body, height_m, cfg)
     K = intrinsics(W, H, focal_px)
     target = _make_target(kp, conf, K, prior, dtype, device, _keypoints3d(perception), cfg)
-    total_steps = cfg.pose_iterations + cfg.shape_pre_iterations + cfg.full_iterations + cfg.shape_post_iterations
+    stage3 = cfg.shape_pre_iterations + cfg.full_iterations + cfg.shape_post_iterations
+    total_steps = cfg.pose_iterations + stage3
     step = 0
     age_start: float | None = None  # the young start the fit kept (see FitConfig.young_starts)
 
@@ -282,7 +283,7 @@ def _fit_body(perception: Any, body: BodyModel, *, focal_px: float | None, itera
     var, label, chosen = _fit_pose(body, pose_prior, target, starts, cfg, tick)
     if pose_prior is not prior:
         var = _rescaled(body, var, pose_prior, prior)
-    if cfg.shape_pre_iterations + cfg.full_iterations + cfg.shape_post_iterations:
+    if stage3:
         sil = L.silhouette_target(mask, mask_scale, seed=seed, dtype=dtype)
         sil.outside, sil.points, sil.signed = sil.outside.to(device), sil.points.to(device), sil.signed.to(device)
         start = var.select(0)
@@ -290,9 +291,7 @@ def _fit_body(perception: Any, body: BodyModel, *, focal_px: float | None, itera
         first_loss = loss
         if height_m is None:
             young = _young_starts(body, prior, var, cfg)
-            if young:
-                total_steps += len(young) * (cfg.shape_pre_iterations + cfg.full_iterations
-                                             + cfg.shape_post_iterations)
+            total_steps += len(young) * stage3
             for age in young:
                 trial_prior = _with_age(body, prior, age)
                 trial_start = _rescaled(body, start, prior, trial_prior)
