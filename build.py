@@ -49,7 +49,9 @@ def dev_env() -> dict[str, str]:
     """Environment for everything run from the checkout: offline hubs, local caches."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("ZEROAVATAR_ANNY_CACHE", str(CACHE / "anny"))
+    # Absolute: the engine runs in each job's folder, where a relative path would build a fresh
+    # 800 MB cache (90 s) per job.
+    env["ZEROAVATAR_ANNY_CACHE"] = str(Path(env.get("ZEROAVATAR_ANNY_CACHE") or CACHE / "anny").resolve())
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
     env["DIFFUSERS_OFFLINE"] = "1"
