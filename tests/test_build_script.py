@@ -23,3 +23,12 @@ def test_a_short_disk_is_named_before_pip_fails_halfway(tmp_path: Path) -> None:
     assert message is not None
     assert str(not_yet) in message and str(tmp_path) in message
     assert "GB free" in message and "build.py setup" in message
+
+
+def test_the_engine_gets_an_absolute_anny_cache_path(monkeypatch, tmp_path: Path) -> None:
+    """The engine runs in each job's folder: a relative cache path would build a new cache there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZEROAVATAR_ANNY_CACHE", "relative/anny")
+    assert load_build().dev_env()["ZEROAVATAR_ANNY_CACHE"] == str(tmp_path.resolve() / "relative" / "anny")
+    monkeypatch.delenv("ZEROAVATAR_ANNY_CACHE")
+    assert load_build().dev_env()["ZEROAVATAR_ANNY_CACHE"] == str(ROOT / ".cache" / "anny")
