@@ -90,7 +90,7 @@ def summarise(events: list[dict]) -> dict:
         out["total_steps"] = b.get("total")
         out["windows"] = step_windows(progress)
     dones = [e for e in events if e["type"] == "done"]  # one per engine process (optimise, finalise)
-    for key in ("cuda_peak_mb", "peak_rss_mb"):
+    for key in ("cuda_peak_mb", "cuda_reserved_peak_mb", "peak_rss_mb"):
         values = [e[key] for e in dones if key in e]
         if values:
             out[key] = max(values)

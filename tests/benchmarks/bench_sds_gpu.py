@@ -110,6 +110,7 @@ def bench_batch(sds, text, batch: int, steps: int, warmup: int) -> dict[str, flo
     if not torch.isfinite(out["loss"]) or not torch.isfinite(rgb.grad).all():
         raise RuntimeError(f"non-finite SDS loss or gradient at batch {batch}")
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None
 
     parts = {"vae_encode": 0.0, "controlnet_unet": 0.0, "backward": 0.0}
     for i in range(steps):
@@ -125,7 +126,28 @@ def bench_batch(sds, text, batch: int, steps: int, warmup: int) -> dict[str, flo
         parts["controlnet_unet"] += c - b
         parts["backward"] += d - c
     return {"batch": batch, "steps_per_s": steps / total, "s_per_step": total / steps, "peak_gib": peak,
+            "reserved_gib": reserved,
             **{f"{k}_s": v / steps for k, v in parts.items()}}
+
+
+def graph_agreement(eager, graphed, text, batch: int, draws: int = 3) -> float:
+    """Largest relative difference of the SDS gradient's norm between the eager and the graphed
+    diffusion pass on the same latents, timesteps and noise (new inputs at each replay)."""
+    from zeroavatar_blender.engine.guidance.prompts import PromptEmbeddings
+
+    device, res = eager.pipe.device, eager.config.resolution
+    emb = PromptEmbeddings(text[1:2].expand(batch, -1, -1), text[:1].expand(batch, -1, -1))
+    worst = 0.0
+    for seed in range(draws):
+        g = torch.Generator(device="cpu").manual_seed(100 + seed)
+        latents = torch.randn(batch, 4, res // 8, res // 8, generator=g).to(device)
+        noise = torch.randn(batch, 4, res // 8, res // 8, generator=g)
+        control = torch.rand(batch, 1, res, res, generator=g).to(device)
+        t = torch.randint(20, 980, (batch,), generator=g)
+        a = eager.loss_from_latents(latents, eager.control_image(control), emb, 0, t=t, noise=noise)["grad_norm"]
+        b = graphed.loss_from_latents(latents, graphed.control_image(control), emb, 0, t=t, noise=noise)["grad_norm"]
+        worst = max(worst, float((a - b).abs() / a.abs().clamp_min(1e-6)))
+    return worst
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--attention-slicing", action="store_true")
     p.add_argument("--fp32", action="store_true", help="fp32 weights instead of fp16")
+    p.add_argument("--compare-graphs", action="store_true",
+                   help="also time the CUDA-graph diffusion pass (cuda_graphs) in this process, eager again "
+                        "after it, check that both give the same gradient, and print the ratio")
     p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (slow; checks the script only)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = p.parse_args(argv)
@@ -175,8 +200,29 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.resolution // 8}x{args.resolution // 8} latents); models built in {build_s:.1f} s; "
           f"torch {torch.__version__}")
     results = []
+    graphed = None
+    if args.compare_graphs:
+        if device.type != "cuda":
+            print("--compare-graphs needs CUDA", file=sys.stderr)
+            return 2
+        from dataclasses import replace
+
+        graphed = DepthControlledSDS(pipe, replace(config, cuda_graphs=True))
     for batch in (int(b) for b in args.batches.split(",")):
         r = bench_batch(sds, text, batch, args.steps, args.warmup)
+        if graphed is not None:  # eager, graphed, eager again: the ratio is against both eager runs' mean
+            g = bench_batch(graphed, text, batch, args.steps, args.warmup)
+            again = bench_batch(sds, text, batch, args.steps, args.warmup)
+            eager_s = 0.5 * (r["s_per_step"] + again["s_per_step"])
+            r["graphs"] = {"s_per_step": g["s_per_step"], "controlnet_unet_s": g["controlnet_unet_s"],
+                           "reserved_gib": g["reserved_gib"], "eager_again_s_per_step": again["s_per_step"],
+                           "speedup": eager_s / g["s_per_step"], "fallback": graphed.graph_fallback,
+                           "max_rel_grad_norm_diff": graph_agreement(sds, graphed, text, batch)}
+            x = r["graphs"]
+            print(f"batch {batch}: CUDA graph {1000 * x['s_per_step']:.1f} ms a step (ControlNet+UNet "
+                  f"{1000 * x['controlnet_unet_s']:.1f}) against eager {1000 * r['s_per_step']:.1f} and "
+                  f"{1000 * again['s_per_step']:.1f}: {x['speedup']:.2f}x; reserved {x['reserved_gib']:.2f} GiB; "
+                  f"gradient norms within {x['max_rel_grad_norm_diff']:.1e}{'; FELL BACK: ' + x['fallback'] if x['fallback'] else ''}")
         r["full_run_sds_min"] = args.full_steps / r["steps_per_s"] / 60
         results.append(r)
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"

@@ -5,7 +5,9 @@
 # SKIP_FULL=1 SKIP_PROFILE=1 VARIANTS=1: only the step-speed variants (CUDA graph of the diffusion
 # pass, corner blend, TF32, NHWC).
 # SETS="--set tf32=true ...": OptimiseConfig overrides for the full run (the winners).
-# AUTO=1 SKIP_PROFILE=1: test and profile the CUDA-graph variant, then the full run with the faster.
+# AUTO=1 SKIP_PROFILE=1: the SDS step eager and as a CUDA graph in one process (bench_sds_gpu
+# --compare-graphs: speed ratio, same gradient, memory), then the full run with the graph when it
+# was >5 % faster and agreed; the run's events and avatar come back in $OUT.
 set -u
 S=$(date +%s)
 t() { echo "=== [t=$(( $(date +%s) - S ))s] $*"; }
@@ -16,47 +18,42 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
        TRANSFORMERS_VERBOSITY=error PYTHONWARNINGS=ignore::SyntaxWarning
 mkdir -p /tmp/za_smpl && cp .gpu/za_smpl/* /tmp/za_smpl/
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-t "nerfacc CUDA build"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+t "nerfacc CUDA build (CPU) alongside the random full-size SD1.5 + ControlNet weights (GPU, disk)"
 timeout 240 python3 -c "
 import time; t=time.time()
 from zeroavatar_blender.engine.render.cuda_marcher import cuda_marcher_status
-print('marcher', cuda_marcher_status(print), round(time.time()-t,1), 's')" 2>&1 | tail -5 | tee "$OUT/nerfacc_build.log"
-t "random full-size SD1.5 + ControlNet weights"
-timeout 120 python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job --prepare-only 2>&1 | tail -2
+print('marcher', cuda_marcher_status(print), round(time.time()-t,1), 's')" > "$OUT/nerfacc_build.log" 2>&1 &
+BUILD=$!
+timeout 150 python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job --prepare-only 2>&1 | tail -2
+wait $BUILD; tail -3 "$OUT/nerfacc_build.log"
 PROFILE="python3 -m tests.benchmarks.profile_step --job .gpu/job --quality full --device cuda --steps 16 --warmup 3
   --at-step ${AT_STEP:-0.8} --sd-weights /tmp/zeroavatar_random_sd15/sd15
   --controlnet-weights /tmp/zeroavatar_random_sd15/controlnet_depth"
 if [ "${AUTO:-0}" = 1 ]; then
-  # the CUDA graph of the diffusion pass: its correctness test first, then a profile of the
-  # default step and of the graphed one; the full run below takes the graph when it is >5 % faster
-  t "auto: GPU tests of the graphed pass, the uploads and the views made ahead"
-  if timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/guidance/test_sds.py \
-       tests/engine/test_transfer.py tests/engine/test_novel_views.py 2>&1 | tail -3 | tee "$OUT/auto_tests.log" | grep -q " passed" \
-     && ! grep -q "failed" "$OUT/auto_tests.log"; then
-    for v in default cuda_graphs; do
-      t "auto: profile $v"
-      timeout 150 $PROFILE $( [ $v = default ] || echo --set cuda_graphs=true ) --json "$OUT/auto_$v.json" 2>&1 \
-        | grep -E "steps/s|GPU busy|ATen ops per step|host waits|sync"
-    done
-    SETS=$(python3 -c "
+  t "auto: SDS step eager, as a CUDA graph, eager again (one process)"
+  timeout 120 python3 -m tests.benchmarks.bench_sds_gpu --batches 1 --steps 20 --warmup 3 --compare-graphs \
+    --full-steps 2500 --json "$OUT/sds_ab.json" 2>&1 | grep -v '^{' | tail -4
+  SETS=$(python3 -c "
 import json
 try:
-    d, g = (json.load(open('$OUT/auto_%s.json' % v))['step_ms'] for v in ('default', 'cuda_graphs'))
-    print('--set cuda_graphs=true' if g < 0.95 * d else '')
+    g = json.load(open('$OUT/sds_ab.json'))['results'][0]['graphs']
+    ok = g['speedup'] > 1.05 and not g['fallback'] and g['max_rel_grad_norm_diff'] < 1e-2
+    print('--set cuda_graphs=true' if ok else '')
 except Exception:
     print('')")
-  fi
-  echo "auto: full run with SETS='${SETS:-}'" | tee "$OUT/auto_choice.txt"
+  echo "auto: full run with SETS='${SETS:-}'"
 fi
 if [ "${SKIP_FULL:-0}" = 0 ]; then
   t "full run (default steps)"
   # the benchmark stops the engine itself at --timeout and extrapolates; the outer timeout is a backstop.
   # PROFILE_S seconds are kept for the step profile after it.
   timeout $(( $(left) - ${PROFILE_S:-80} )) python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job ${SETS:-} \
-    --timeout $(( $(left) - ${PROFILE_S:-80} - 40 )) --json "$OUT/full_run.json" 2>&1 \
+    --timeout $(( $(left) - ${PROFILE_S:-80} - 40 )) --json "$OUT/full_run.json" --keep /tmp/keep 2>&1 \
     | grep -v "^\[optimise\] [0-9]*/[0-9]* " | tail -60 > "$OUT/full_run.log"
   tail -45 "$OUT/full_run.log"
+  cp /tmp/keep/events.jsonl "$OUT/" 2>/dev/null
+  [ "${KEEP_AVATAR:-1}" = 1 ] && cp /tmp/keep/result/avatar.npz /tmp/keep/result/texture.png "$OUT/" 2>/dev/null
 fi
 if [ "${SKIP_PROFILE:-0}" = 0 ]; then
   t "step profile (full, late in the schedules)"

@@ -192,6 +192,8 @@ def _resources() -> dict[str, float]:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        # what the card must hold: the caching allocator's reserve, CUDA-graph pools included
+        out["cuda_reserved_peak_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
     return out
 
 

@@ -188,7 +188,7 @@ def run_case(case_dir: Path, out: Path, quality: str, *, steps: int | None = Non
     result.seconds = stage_seconds(events)
     result.seconds.setdefault("total", round(wall, 3))
     done = next((e for e in reversed(events) if e["type"] == "done"), {})
-    result.memory = {k: done[k] for k in ("peak_rss_mb", "cuda_peak_mb") if k in done}
+    result.memory = {k: done[k] for k in ("peak_rss_mb", "cuda_peak_mb", "cuda_reserved_peak_mb") if k in done}
     if rc != 0:
         err = next((e for e in reversed(events) if e["type"] == "error"), {})
         result.error = f"engine exit {rc}: {err.get('message', 'see bench_stderr.log')}"
