@@ -6,8 +6,9 @@ SD1.5's and control_v11f1p_sd15_depth's configs (``bench_sds_gpu``) with random 
 as diffusers folders (fp16, ~2.6 GB, once per ``--weights`` folder); the engine then loads them
 through the same weight discovery users go through. ``FITTED_JOB`` is a job folder after `fit`
 (any body); it is copied, so it can be reused. The engine runs as users run it
-(``python -m zeroavatar_blender.engine optimise COPY --quality full``, then ``finalise COPY``; no
-FBX/GLB export: that needs Blender and is timed by the CPU benchmarks), in a subprocess, and its event stream gives the
+(the run's flags saved to the copy's job.json, then ``python -m zeroavatar_blender.engine resume
+COPY``: optimise and finalise in one process, as ``generate`` runs them after the fit; no FBX/GLB
+export: that needs Blender and is timed by the CPU benchmarks), and its event stream gives the
 time per stage, SDS steps/s and peak GPU memory (``cuda_peak_mb`` of the ``done`` event).
 """
 
@@ -138,32 +139,34 @@ def main(argv: list[str] | None = None) -> int:
     (job / "job.json").write_text(json.dumps(settings, indent=1))
     (job / "events.jsonl").unlink(missing_ok=True)
 
-    base = [sys.executable, "-m", "zeroavatar_blender.engine"]
-    optimise = base + ["optimise", str(job), "--quality", "full", "--device", "cuda" if cuda else "cpu", "--allow-slow", "--sd-weights", str(sd_dir),
-                       "--controlnet-weights", str(cn_dir), "--progress", "lines"]
-    if args.steps is not None:
-        optimise += ["--steps", str(args.steps)]
-    for item in args.set:
-        optimise += ["--set", item]
-    finalise = base + ["finalise", str(job), "--progress", "lines"]
+    # the run's settings go into job.json through the engine's own argument handling, then one
+    # `resume` process optimises and finalises, as `generate` does after the fit (two processes
+    # would add a second start, ~7 s on the H100 machine, that users never wait for)
+    from zeroavatar_blender.engine.cli import _settings_from_args, build_parser
+    from zeroavatar_blender.engine.job import Job
+    from zeroavatar_blender.engine.pipeline import JobSettings
+
+    flags = ["--quality", "full", "--device", "cuda" if cuda else "cpu", "--allow-slow", "--sd-weights", str(sd_dir),
+             "--controlnet-weights", str(cn_dir)]
+    flags += ["--steps", str(args.steps)] if args.steps is not None else []
+    flags += [f for item in args.set for f in ("--set", item)]
+    run_job = Job(job)
+    _settings_from_args(build_parser().parse_args(["optimise", str(job), *flags]), JobSettings.load(run_job)).save(run_job)
+    command = [sys.executable, "-m", "zeroavatar_blender.engine", "resume", str(job), "--progress", "lines"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    print("running:", " ".join(command), "with", " ".join(flags), flush=True)
     started = time.perf_counter()
     rc, timed_out = None, False
-    for cmd in (optimise, finalise):
-        print("running:", " ".join(cmd), flush=True)
-        left = args.timeout - (time.perf_counter() - started)
-        proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(command, env=env)
+    try:
+        rc = proc.wait(timeout=max(args.timeout, 1))
+    except subprocess.TimeoutExpired:  # as a user's cancel: the engine checkpoints and says so
+        proc.terminate()
         try:
-            rc = proc.wait(timeout=max(left, 1))
-        except subprocess.TimeoutExpired:  # as a user's cancel: the engine checkpoints and says so
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            rc, timed_out = None, True
-        if rc != 0:
-            break
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        rc, timed_out = None, True
     wall = time.perf_counter() - started
     events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines() if line.strip()]
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "weights_build_s": weights_s,

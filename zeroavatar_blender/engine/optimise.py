@@ -82,11 +82,14 @@ class OptimiseConfig:
     sds_min_step: Any = 0.02
     sds_max_step: Any = ((0, 0.98), (0.5, 0.5))
     sds_grad_clip: Any = ((0, 0.5), (1.0, 2.0))  # elementwise clamp of the latent gradient; None: off
-    # CUDA speed knobs, off until a GPU benchmark shows they pay (`profile_step --set KEY=VALUE`)
+    # CUDA speed knobs, each off until a GPU benchmark shows it pays (`profile_step --set KEY=VALUE`)
     tf32: bool = False  # TF32 tensor cores for the field's fp32 matmuls
     grid_blend: str = "matmul"  # the hash grid's corner blend on CUDA: "matmul" or "sum" (HashGridConfig.blend)
     channels_last: bool = False  # NHWC UNet, ControlNet and VAE (SDSConfig.channels_last)
-    cuda_graphs: bool = False  # the SDS's ControlNet + UNet pass replayed as one CUDA graph (guidance/cuda_graph.py)
+    # the SDS's ControlNet + UNet pass replayed as one CUDA graph (guidance/cuda_graph.py): on an
+    # H100 the SDS step went 78 -> 43 ms and a whole `full` run's loop ~135 -> 92 ms a step, with
+    # the same gradient to the bit (docs/BENCHMARKS.md, 2026-11-27); the CPU ignores it
+    cuda_graphs: bool = True
     # metres the photo's person mask is grown by before the space outside it is kept empty
     # (priors.SilhouetteCone; 0: off): floaters there cost samples every step and cannot be right
     carve_margin: float = 0.04
@@ -148,7 +151,8 @@ class OptimiseConfig:
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed (not the step count: more steps may be asked)."""
         d = dataclasses.asdict(self)
-        for key in ("steps", "mesh_every", "checkpoint_every"):
+        # neither how long nor how the same SDS pass is launched changes what a step computes
+        for key in ("steps", "mesh_every", "checkpoint_every", "cuda_graphs"):
             d.pop(key)
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for key in LATER_SETTINGS:  # at their defaults, older checkpoints still resume
@@ -159,7 +163,7 @@ class OptimiseConfig:
 
 # settings added after checkpoints were first written (session 6); left out of the fingerprint
 # while at their OptimiseConfig defaults
-LATER_SETTINGS = ("tf32", "grid_blend", "channels_last", "carve_margin", "cuda_graphs", "sds_min_step",
+LATER_SETTINGS = ("tf32", "grid_blend", "channels_last", "carve_margin", "sds_min_step",
                   "sds_max_step", "sds_grad_clip", "arm_cut", "garment_depth")
 
 
