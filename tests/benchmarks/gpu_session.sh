@@ -4,7 +4,8 @@
 #   LIMIT=560 bash .gpu/run.sh        (carry .whl and .gpu; LIMIT: seconds this call may use)
 # SKIP_FULL=1 SKIP_PROFILE=1 VARIANTS=1: only the step-speed variants (CUDA graph of the diffusion
 # pass, corner blend, TF32, NHWC).
-# SETS="--set tf32=true ...": OptimiseConfig overrides for the full run (the winners).
+# SETS="--set tf32=true ...": OptimiseConfig overrides for the full run (the winners); EXTRA_SETS
+# too, also with AUTO (e.g. EXTRA_SETS="--set gpu_memory_gib=11.5": does it fit a 12 GB card?).
 # AUTO=1 SKIP_PROFILE=1: the SDS step eager and as a CUDA graph in one process (bench_sds_gpu
 # --compare-graphs: speed ratio, same gradient, memory), then the full run with the graph when it
 # was >5 % faster and agreed; the run's events and avatar come back in $OUT.
@@ -48,7 +49,7 @@ if [ "${SKIP_FULL:-0}" = 0 ]; then
   t "full run (default steps)"
   # the benchmark stops the engine itself at --timeout and extrapolates; the outer timeout is a backstop.
   # PROFILE_S seconds are kept for the step profile after it.
-  timeout $(( $(left) - ${PROFILE_S:-80} )) python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job ${SETS:-} \
+  timeout $(( $(left) - ${PROFILE_S:-80} )) python3 -m tests.benchmarks.bench_full_gpu --job .gpu/job ${SETS:-} ${EXTRA_SETS:-} \
     --timeout $(( $(left) - ${PROFILE_S:-80} - 40 )) --json "$OUT/full_run.json" --keep /tmp/keep 2>&1 \
     | grep -v "^\[optimise\] [0-9]*/[0-9]* " | tail -60 > "$OUT/full_run.log"
   tail -45 "$OUT/full_run.log"

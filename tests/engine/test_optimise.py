@@ -268,6 +268,35 @@ def test_previews_are_the_field_united_with_the_body(fitted_job, tmp_path):
     assert volumes[True] > 1.001 * volumes[False]
 
 
+def test_a_gpu_memory_cap_is_checked_and_does_not_change_what_resumes():
+    """``--set gpu_memory_gib=N`` takes a positive number, does nothing on the CPU, and is a
+    launch setting: a run capped or not resumes the same checkpoints."""
+    from zeroavatar_blender.engine.errors import BadInputError
+    from zeroavatar_blender.engine.optimise import OptimiseConfig, cap_gpu_memory
+
+    for bad in (0, -1.5, "11", float("nan")):
+        with pytest.raises(BadInputError, match="gpu_memory_gib"):
+            cap_gpu_memory(bad, "cpu")
+    assert cap_gpu_memory(11, "cpu") == ""
+    cfg = OptimiseConfig.for_quality("full", "cuda")
+    assert cfg.gpu_memory_gib is None
+    assert dataclasses.replace(cfg, gpu_memory_gib=11.0).fingerprint() == cfg.fingerprint()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_memory_cap_holds_on_the_gpu():
+    """Capped at 1 GiB, a 2 GiB tensor does not fit (own process: the cap is per process)."""
+    code = ("import torch\n"
+            "from zeroavatar_blender.engine.optimise import cap_gpu_memory\n"
+            "print(cap_gpu_memory(1, 'cuda'))\n"
+            "torch.empty(2 * 2**30, dtype=torch.uint8, device='cuda')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert "GPU memory capped at 1.0 GiB" in proc.stdout
+    assert proc.returncode != 0 and "OutOfMemoryError" in proc.stderr
+
+
 def test_checkpoints_from_before_the_speed_knobs_still_resume():
     """The CUDA speed knobs (session 6) join the resume fingerprint only when set, so a checkpoint
     written before they existed still resumes at their defaults."""
@@ -278,7 +307,7 @@ def test_checkpoints_from_before_the_speed_knobs_still_resume():
 
     cfg = OptimiseConfig.for_quality("full", "cuda")
     before = dataclasses.asdict(cfg)
-    for key in ("steps", "mesh_every", "checkpoint_every", "cuda_graphs", *LATER_SETTINGS):
+    for key in ("steps", "mesh_every", "checkpoint_every", "cuda_graphs", "gpu_memory_gib", *LATER_SETTINGS):
         before.pop(key)
     old = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == old

@@ -90,6 +90,10 @@ class OptimiseConfig:
     # H100 the SDS step went 78 -> 43 ms and a whole `full` run's loop ~135 -> 92 ms a step, with
     # the same gradient to the bit (docs/BENCHMARKS.md, 2026-11-27); the CPU ignores it
     cuda_graphs: bool = True
+    # the most GPU memory (GiB) PyTorch's allocator may hold in this run: it frees its cache
+    # before going past it, and a step that still does not fit runs on fewer rays (None: the whole
+    # card). To leave room for Blender's viewport on the same card, or to check a smaller card's fit
+    gpu_memory_gib: float | None = None
     # metres the photo's person mask is grown by before the space outside it is kept empty
     # (priors.SilhouetteCone; 0: off): floaters there cost samples every step and cannot be right
     carve_margin: float = 0.04
@@ -152,7 +156,7 @@ class OptimiseConfig:
         """What must match for a checkpoint to be resumed (not the step count: more steps may be asked)."""
         d = dataclasses.asdict(self)
         # neither how long nor how the same SDS pass is launched changes what a step computes
-        for key in ("steps", "mesh_every", "checkpoint_every", "cuda_graphs"):
+        for key in ("steps", "mesh_every", "checkpoint_every", "cuda_graphs", "gpu_memory_gib"):
             d.pop(key)
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for key in LATER_SETTINGS:  # at their defaults, older checkpoints still resume
@@ -700,6 +704,19 @@ def start_guidance(job: Job, settings, device: str, config: OptimiseConfig | Non
     return BackgroundCall(load, name="guidance-loader")
 
 
+def cap_gpu_memory(gib: float, device: str) -> str:
+    """Cap PyTorch's CUDA allocator for this process at ``gib`` GiB (before anything is loaded);
+    says what it did, or "" on the CPU, where there is nothing to cap."""
+    if not (isinstance(gib, (int, float)) and gib > 0):
+        raise BadInputError(f"gpu_memory_gib={gib!r} is not a positive number of GiB", "e.g. --set gpu_memory_gib=11")
+    if not device.startswith("cuda"):
+        return ""
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    fraction = min(1.0, gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    return f"GPU memory capped at {min(gib, total / 2**30):.1f} GiB of the card's {total / 2**30:.1f} GiB"
+
+
 def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
     from .field_avatar import finalise_config
     from .pipeline import resolve_device
@@ -712,6 +729,10 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
         raise BadInputError(f"unknown optimisation settings: {', '.join(sorted(unknown))}",
                             "see OptimiseConfig in zeroavatar_blender/engine/optimise.py")
     config = dataclasses.replace(config, **overrides)
+    if config.gpu_memory_gib is not None:
+        message = cap_gpu_memory(config.gpu_memory_gib, device)
+        if message:
+            job.info(message)
     loading = None
     if settings.quality == "full":
         loading = start_guidance(job, settings, device, config)
