@@ -126,3 +126,30 @@ def test_optimise_refuses_broken_extra_arguments_and_fast_means_standard(addon, 
     assert " -m zeroavatar_blender.engine optimise " in argv
     assert argv.endswith(f"{job} --quality standard --steps 3 --progress none --device auto")
     client.stop_all(timeout=2.0)
+
+
+def test_the_gpu_memory_limit_reaches_the_engine(addon, tmp_path, monkeypatch):
+    """The preference becomes the engine's allocator cap (`fast` optimises nothing and gets none);
+    a studio's extra --set still comes last, so it wins."""
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "fit.json").write_text("{}")
+    props = bpy.context.scene.zeroavatar
+    props.job_dir = str(job)
+    props.quality = "standard"
+    monkeypatch.delenv(operators.EXTRA_ARGS_ENV, raising=False)
+    addon.gpu_memory_limit = 0.0
+    assert operators.quality_args(bpy.context) == ["--quality", "standard"]
+    addon.gpu_memory_limit = 10.5
+    try:
+        monkeypatch.setenv(operators.EXTRA_ARGS_ENV, "--set n_samples=24")
+        assert operators.quality_args(bpy.context) == ["--quality", "standard", "--set", "gpu_memory_gib=10.5",
+                                                       "--set", "n_samples=24"]
+        assert operators.quality_args(bpy.context, "fast") == ["--quality", "fast", "--set", "n_samples=24"]
+        monkeypatch.delenv(operators.EXTRA_ARGS_ENV)
+        assert bpy.ops.zeroavatar.optimise() == {"FINISHED"}
+        header = [line for line in (job / "engine.log").read_text().splitlines() if line.startswith("=== ")][-1]
+        assert header.endswith(f"{job} --quality standard --set gpu_memory_gib=10.5 --progress none --device auto")
+    finally:
+        addon.gpu_memory_limit = 0.0
+        client.stop_all(timeout=2.0)

@@ -326,10 +326,11 @@ def test_speed_knobs_reach_the_field_and_the_guidance(fitted_job, tmp_path):
     from tests.engine.guidance.tiny_models import build_tiny_components, save_diffusers
 
     job_dir = copy_job(fitted_job, tmp_path / "job")
-    run(job_dir, 2, grid_blend="sum")
+    run(job_dir, 2, grid_blend="sum", gpu_memory_gib=10.5)  # the cap: a no-op on the CPU, said nowhere
     ckpt = opt_mod.latest_checkpoint(Job(job_dir))
     field, cfg = load_field(ckpt)
     assert cfg["grid_blend"] == "sum" and field.encoding.config.blend == "sum"
+    assert not any("GPU memory capped" in e.get("message", "") for e in protocol.iter_events(job_dir / "events.jsonl"))
 
     sd_dir, cn_dir = save_diffusers(build_tiny_components(), tmp_path / "sd", tmp_path / "cn")
     job = Job(job_dir).open()

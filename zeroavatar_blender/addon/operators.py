@@ -17,7 +17,7 @@ from bpy.props import EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper
 
 from . import client, jobs
-from .preferences import body_args, engine_env_extra, find_engine, get_prefs, weights_args
+from .preferences import body_args, engine_env_extra, find_engine, get_prefs, gpu_memory_args, weights_args
 from .properties import EXPORT_PRESET_ITEMS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -110,11 +110,15 @@ def extra_engine_args() -> list[str]:
 
 
 def quality_args(context: bpy.types.Context, quality: str | None = None) -> list[str]:
-    """--quality (and the weights for full) plus the advanced extra arguments."""
+    """--quality (and the weights for full), the GPU memory limit, then the advanced extra
+    arguments (last, so a studio's --set wins)."""
     quality = quality or resolved_quality(context)
+    prefs = get_prefs(context)
     args = ["--quality", quality]
     if quality == "full":
-        args += weights_args(get_prefs(context))
+        args += weights_args(prefs)
+    if quality != "fast":
+        args += gpu_memory_args(prefs)
     return args + extra_engine_args()
 
 

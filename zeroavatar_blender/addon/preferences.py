@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, StringProperty
 
 from ..blender_jobs.package import filtered_requirements
 from . import client, jobs
@@ -56,6 +56,10 @@ class ZeroAvatarPreferences(bpy.types.AddonPreferences):
     sd_file: StringProperty(name="Stable Diffusion", subtype="FILE_PATH")
     controlnet_file: StringProperty(name="Depth ControlNet", subtype="FILE_PATH")
     device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="auto")
+    gpu_memory_limit: FloatProperty(
+        name="GPU Memory Limit", default=0.0, min=0.0, soft_max=48.0, step=50, precision=1,
+        description="GiB of GPU memory the engine may hold, leaving the rest to Blender's viewport and "
+                    "renders on the same card (0: no limit; a default Full run peaks at about 11 GiB)")
     default_quality: EnumProperty(name="Default Quality", items=QUALITY_ITEMS, default="fast")
 
     def draw(self, context: bpy.types.Context) -> None:
@@ -95,6 +99,9 @@ class ZeroAvatarPreferences(bpy.types.AddonPreferences):
             box.prop(self, "smplx_path")
         box.prop(self, "default_quality")
         box.prop(self, "device")
+        row = box.row()
+        row.active = self.device != "cpu"
+        row.prop(self, "gpu_memory_limit")
 
         box = layout.box()
         box.label(text="Diffusion Weights (Full quality)", icon="TEXTURE")
@@ -130,6 +137,7 @@ class DefaultPreferences:
     sd_file: str = ""
     controlnet_file: str = ""
     device: str = "auto"
+    gpu_memory_limit: float = 0.0
     default_quality: str = "fast"
 
 
@@ -183,6 +191,12 @@ def weights_args(prefs: Any) -> list[str]:
     if cn:
         args += ["--controlnet-weights", cn]
     return args
+
+
+def gpu_memory_args(prefs: Any) -> list[str]:
+    """The engine's allocator cap (OptimiseConfig.gpu_memory_gib) when the user set a limit."""
+    limit = float(getattr(prefs, "gpu_memory_limit", 0.0) or 0.0)
+    return ["--set", f"gpu_memory_gib={limit:g}"] if limit > 0 else []
 
 
 def engine_env_extra(prefs: Any) -> dict[str, str]:
