@@ -295,8 +295,9 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001
         if _is_cuda_oom(exc):
             return _finish(job, protocol.EXIT_FAILED, "failed", f"the GPU ran out of memory: {str(exc).splitlines()[0]}",
-                           "close other programs that use the GPU, use --quality standard or --device cpu, "
-                           "or lower --texture-size; then resume the job")
+                           "close other programs that use the GPU, raise the GPU Memory Limit (--set gpu_memory_gib) "
+                           "if you set one, use --quality standard or --device cpu, or lower --texture-size; "
+                           "then resume the job")
         return _bug(job, exc)
     finally:
         job.close()
