@@ -15,8 +15,10 @@ t() { echo "=== [t=$(( $(date +%s) - S ))s] $*"; }
 left() { echo $(( ${LIMIT:-570} - ($(date +%s) - S) )); }
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-# the same TORCH_CUDA_ARCH_LIST in every process, or torch rebuilds nerfacc (60 s) for each change
+# the same TORCH_CUDA_ARCH_LIST in every process, or torch rebuilds nerfacc (60 s) for each change;
+# its build in /tmp, which a warm machine kept between calls (its home's cache was rebuilt: 76 s)
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+       TORCH_EXTENSIONS_DIR=/tmp/torch_extensions \
        TRANSFORMERS_VERBOSITY=error PYTHONWARNINGS=ignore::SyntaxWarning
 mkdir -p /tmp/za_smpl && cp .gpu/za_smpl/* /tmp/za_smpl/
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

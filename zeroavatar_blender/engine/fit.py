@@ -330,7 +330,7 @@ def _with_age(body: BodyModel, prior: P.BodyPrior, age: float) -> P.BodyPrior:
     """``prior`` centred on a body of that age, the other shape values as they were."""
     mean = prior.shape_mean.clone()
     mean[body.shape_names.index("age")] = age
-    return dataclasses.replace(prior, shape_mean=mean)
+    return P.centred_on(body, prior, mean)
 
 
 def _prior(body: BodyModel, height_m: float | None, cfg: FitConfig) -> P.BodyPrior:

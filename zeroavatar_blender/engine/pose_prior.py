@@ -211,7 +211,19 @@ def _height_prior(body: BodyModel, height_m: float, held: tuple[str, ...]) -> Bo
     reached = float(rest_height(out.rest_vertices)[0])
     if abs(reached - height_m) > HEIGHT_TOLERANCE_M:
         raise HeightOutOfRange(height_m, _reachable_heights(body, base, held))
-    return dataclasses.replace(base, shape_mean=params.shape[0].detach().clone(),
+    return centred_on(body, base, params.shape[0])
+
+
+def centred_on(body: BodyModel, prior: BodyPrior, shape_mean: torch.Tensor) -> BodyPrior:
+    """``prior`` centred on another body: its shape mean, and the rest keypoints of that body in
+    the natural pose, which give the fit its first guess of size and distance and the lengths its
+    arm-depth and silhouette terms measure with (a child's torso is not an adult's)."""
+    params = body.zero_params()
+    params.pose = prior.mean[None].clone()
+    params.shape = shape_mean.detach()[None].to(prior.shape_mean)
+    with torch.no_grad():
+        out = body.forward(params)
+    return dataclasses.replace(prior, shape_mean=params.shape[0].clone(),
                                rest_keypoints=out.keypoints[0].detach().clone())
 
 
