@@ -14,11 +14,15 @@ S=$(date +%s)
 t() { echo "=== [t=$(( $(date +%s) - S ))s] $*"; }
 left() { echo $(( ${LIMIT:-570} - ($(date +%s) - S) )); }
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-# the same TORCH_CUDA_ARCH_LIST in every process, or torch rebuilds nerfacc (60 s) for each change;
-# its build in /tmp, which a warm machine kept between calls (its home's cache was rebuilt: 76 s)
+# once per machine: reinstalling gives nerfacc's CUDA sources new times, and torch then rebuilds
+# them (76 s on a warm machine's second call, 2026-11-27)
+WHEELS=$(ls .whl | md5sum | cut -c1-32)
+if [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$WHEELS" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && echo "$WHEELS" > /tmp/site/.wheels || exit 1
+fi
+# the same TORCH_CUDA_ARCH_LIST in every process, or torch rebuilds nerfacc (60 s) for each change
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
-       TORCH_EXTENSIONS_DIR=/tmp/torch_extensions \
        TRANSFORMERS_VERBOSITY=error PYTHONWARNINGS=ignore::SyntaxWarning
 mkdir -p /tmp/za_smpl && cp .gpu/za_smpl/* /tmp/za_smpl/
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
