@@ -327,10 +327,15 @@ def _young_starts(body: BodyModel, prior: P.BodyPrior, var: "_Variables", cfg: F
 
 
 def _with_age(body: BodyModel, prior: P.BodyPrior, age: float) -> P.BodyPrior:
-    """``prior`` centred on a body of that age, the other shape values as they were."""
+    """``prior`` centred on a body of that age, the other shape values as they were. Its rest
+    keypoints stay the adult's on purpose: they set the arm-depth and silhouette terms' lengths,
+    and the trials' final objectives are compared, so they must measure alike. With the young
+    body's own (``pose_prior.centred_on``), kick_m took its 0.3 start (MPJPE 63 -> 32 mm) but
+    hair_f's 1.47 m teen became a 1.08 m child (62 -> 134 mm): 16-photo mean 69.3 -> 71.6 mm
+    (bench_fit_shape, 2026-11-27)."""
     mean = prior.shape_mean.clone()
     mean[body.shape_names.index("age")] = age
-    return P.centred_on(body, prior, mean)
+    return dataclasses.replace(prior, shape_mean=mean)
 
 
 def _prior(body: BodyModel, height_m: float | None, cfg: FitConfig) -> P.BodyPrior:
