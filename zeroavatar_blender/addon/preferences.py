@@ -59,7 +59,7 @@ class ZeroAvatarPreferences(bpy.types.AddonPreferences):
     gpu_memory_limit: FloatProperty(
         name="GPU Memory Limit", default=0.0, min=0.0, soft_max=48.0, step=50, precision=1,
         description="GiB of GPU memory the engine may hold, leaving the rest to Blender's viewport and "
-                    "renders on the same card (0: no limit; a default Full run peaks at about 11 GiB)")
+                    "renders on the same card (0: no limit)")
     default_quality: EnumProperty(name="Default Quality", items=QUALITY_ITEMS, default="fast")
 
     def draw(self, context: bpy.types.Context) -> None:

@@ -242,6 +242,35 @@ def test_occupancy_grid_fill_covers_the_field():
         grid.render(ball, front_camera_rays(4)[0])
 
 
+def test_grid_refreshes_hand_the_field_a_bounded_number_of_points(monkeypatch):
+    """nerfacc's grid gives its density function every cell at once in the fill and the warm-up
+    (2.1M at 128^3, ~8 GB of hash-grid lookups); the renderer passes them on in chunks of
+    GRID_CHUNK points, and the grid comes out the same."""
+    from zeroavatar_blender.engine.render import volume
+
+    ball = Ball(radius=0.5, peak=2000.0, sharpness=300.0)
+    sizes: list[int] = []
+
+    def density(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(x))
+        return ball.density(x)
+
+    grids = {}
+    for chunk in (1 << 30, 4096):  # 32^3 = 32768 cells: one call, then 8 a refresh
+        monkeypatch.setattr(volume, "GRID_CHUNK", chunk)
+        torch.manual_seed(0)
+        grid = OccupancyGridRenderer(BOX, OccupancyGridConfig(resolution=32, render_step_size=2.0 / 256))
+        sizes.clear()
+        grid.fill(density, rounds=2)
+        for step in range(3):  # warm-up refreshes: every cell again
+            grid.update(density, step * grid.config.update_every)
+        assert max(sizes) == min(chunk, 32 ** 3) and len(sizes) == 5 * max(1, 32 ** 3 // chunk)
+        grids[chunk] = (grid.estimator.occs.clone(), grid.estimator.binaries.clone())
+    assert torch.equal(grids[1 << 30][0], grids[4096][0]) and torch.equal(grids[1 << 30][1], grids[4096][1])
+    assert volume.in_chunks(lambda x: x.sum(1), 7)(torch.arange(60.0).reshape(20, 3)).tolist() == \
+        torch.arange(60.0).reshape(20, 3).sum(1).tolist()
+
+
 def _gpu() -> bool:
     return torch.cuda.is_available()
 
