@@ -8,7 +8,8 @@
 # too, also with AUTO (e.g. EXTRA_SETS="--set gpu_memory_gib=11.5": does it fit a 12 GB card?).
 # AUTO=1 SKIP_PROFILE=1: the SDS step eager and as a CUDA graph in one process (bench_sds_gpu
 # --compare-graphs: speed ratio, same gradient, memory), then the full run with the graph when it
-# was >5 % faster and agreed; the run's events and avatar come back in $OUT.
+# was >5 % faster and agreed; the run's events come back in $OUT (KEEP_AVATAR=1: its avatar too;
+# $OUT returns at most 8 files).
 set -u
 S=$(date +%s)
 t() { echo "=== [t=$(( $(date +%s) - S ))s] $*"; }
@@ -60,7 +61,7 @@ if [ "${SKIP_FULL:-0}" = 0 ]; then
     | grep -v "^\[optimise\] [0-9]*/[0-9]* " | tail -60 > "$OUT/full_run.log"
   tail -45 "$OUT/full_run.log"
   cp /tmp/keep/events.jsonl "$OUT/" 2>/dev/null
-  [ "${KEEP_AVATAR:-1}" = 1 ] && cp /tmp/keep/result/avatar.npz /tmp/keep/result/texture.png "$OUT/" 2>/dev/null
+  [ "${KEEP_AVATAR:-0}" = 1 ] && cp /tmp/keep/result/avatar.npz /tmp/keep/result/texture.png "$OUT/" 2>/dev/null
 fi
 if [ "${SKIP_PROFILE:-0}" = 0 ]; then
   t "step profile (full, late in the schedules)"
