@@ -7,8 +7,8 @@
 # SETS="--set tf32=true ...": OptimiseConfig overrides for the full run (the winners); EXTRA_SETS
 # too, also with AUTO (e.g. EXTRA_SETS="--set gpu_memory_gib=11.5": does it fit a 12 GB card?).
 # AUTO=1 SKIP_PROFILE=1: the SDS step eager and as a CUDA graph in one process (bench_sds_gpu
-# --compare-graphs: speed ratio, same gradient, memory), then the full run with the graph when it
-# was >5 % faster and agreed; the run's events come back in $OUT (KEEP_AVATAR=1: its avatar too;
+# --compare-graphs: speed ratio, same gradient, memory), then the full run with the graph (the
+# default) only when it was >5 % faster and agreed; the run's events come back in $OUT (KEEP_AVATAR=1: its avatar too;
 # $OUT returns at most 8 files).
 set -u
 S=$(date +%s)
@@ -47,9 +47,9 @@ import json
 try:
     g = json.load(open('$OUT/sds_ab.json'))['results'][0]['graphs']
     ok = g['speedup'] > 1.05 and not g['fallback'] and g['max_rel_grad_norm_diff'] < 1e-2
-    print('--set cuda_graphs=true' if ok else '')
+    print('' if ok else '--set cuda_graphs=false')  # the graph is the default since 2026-11-27
 except Exception:
-    print('')")
+    print('--set cuda_graphs=false')")
   echo "auto: full run with SETS='${SETS:-}'"
 fi
 if [ "${SKIP_FULL:-0}" = 0 ]; then
