@@ -107,13 +107,19 @@ def test_extra_engine_arguments(monkeypatch):
     assert operators.extra_engine_args() == []
 
 
-def test_optimise_refuses_broken_extra_arguments_and_fast_means_standard(addon, tmp_path, monkeypatch):
+def _job_to_optimise(tmp_path, quality: str):
+    """A job folder the Optimise button accepts (a fit.json), set as the scene's job."""
     job = tmp_path / "job"
     job.mkdir()
     (job / "fit.json").write_text("{}")
     props = bpy.context.scene.zeroavatar
     props.job_dir = str(job)
-    props.quality = "fast"
+    props.quality = quality
+    return job
+
+
+def test_optimise_refuses_broken_extra_arguments_and_fast_means_standard(addon, tmp_path, monkeypatch):
+    job = _job_to_optimise(tmp_path, "fast")
     monkeypatch.setenv(operators.EXTRA_ARGS_ENV, "--steps '3")
     with pytest.raises(RuntimeError, match="not valid shell quoting"):
         bpy.ops.zeroavatar.optimise()
@@ -131,12 +137,7 @@ def test_optimise_refuses_broken_extra_arguments_and_fast_means_standard(addon, 
 def test_the_gpu_memory_limit_reaches_the_engine(addon, tmp_path, monkeypatch):
     """The preference becomes the engine's allocator cap (`fast` optimises nothing and gets none);
     a studio's extra --set still comes last, so it wins."""
-    job = tmp_path / "job"
-    job.mkdir()
-    (job / "fit.json").write_text("{}")
-    props = bpy.context.scene.zeroavatar
-    props.job_dir = str(job)
-    props.quality = "standard"
+    job = _job_to_optimise(tmp_path, "standard")
     monkeypatch.delenv(operators.EXTRA_ARGS_ENV, raising=False)
     addon.gpu_memory_limit = 0.0
     assert operators.quality_args(bpy.context) == ["--quality", "standard"]
