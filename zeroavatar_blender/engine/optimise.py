@@ -155,7 +155,8 @@ class OptimiseConfig:
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed (not the step count: more steps may be asked)."""
         d = dataclasses.asdict(self)
-        # neither how long nor how the same SDS pass is launched changes what a step computes
+        # how long, how the same SDS pass is launched and how much memory it may take: none
+        # changes what a step computes
         for key in ("steps", "mesh_every", "checkpoint_every", "cuda_graphs", "gpu_memory_gib"):
             d.pop(key)
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

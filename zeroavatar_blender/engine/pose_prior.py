@@ -217,7 +217,8 @@ def _height_prior(body: BodyModel, height_m: float, held: tuple[str, ...]) -> Bo
 def centred_on(body: BodyModel, prior: BodyPrior, shape_mean: torch.Tensor) -> BodyPrior:
     """``prior`` centred on another body: its shape mean, and the rest keypoints of that body in
     the natural pose, which give the fit its first guess of size and distance and the lengths its
-    arm-depth and silhouette terms measure with (a child's torso is not an adult's)."""
+    arm-depth and silhouette terms measure with. (The young-start trials keep the adult's on
+    purpose: fit._with_age says why.)"""
     params = body.zero_params()
     params.pose = prior.mean[None].clone()
     params.shape = shape_mean.detach()[None].to(prior.shape_mean)
