@@ -440,7 +440,8 @@ def test_full_run_loads_the_models_alongside_the_body_distillation(fitted_job, t
 
     job = full_run(sd_dir, "good")
     messages = [e["message"] for e in protocol.iter_events(job.layout.events) if e["type"] == "message"]
-    assert any(m.startswith("Diffusion models loaded in") and "waited" in m for m in messages), messages
+    assert any(m.startswith("Diffusion models loaded in") and "waited" in m and "(imports " in m
+               and "weights to cpu" in m and "prompts" in m for m in messages), messages
     with pytest.raises(BadInputError, match="could not load the UNet"):
         full_run(broken, "broken")
     full_run(sd_dir, "rng")

@@ -111,6 +111,7 @@ class DepthControlledSDS:
                 m.to(memory_format=torch.channels_last)
         self.graphed = None  # the captured diffusion pass, on CUDA with cfg.cuda_graphs
         self.graph_fallback = ""  # why the pass runs eagerly after all (a failed capture)
+        self.load_parts: dict[str, float] = {}  # seconds of each part of loading it (optimise.start_guidance)
         if cfg.cuda_graphs and torch.device(pipeline.device).type == "cuda":
             from .cuda_graph import GraphedPass
 
