@@ -687,7 +687,7 @@ def start_guidance(job: Job, settings, device: str, config: OptimiseConfig | Non
     from .background import BackgroundCall
     from .guidance.prompts import ViewPromptCache, build_prompt
     from .guidance.sds import DepthControlledSDS
-    from .guidance.weights import find_guidance_weights
+    from .guidance.weights import find_guidance_weights, import_diffusion_libraries
 
     if device != "cuda" and not settings.extra.get("allow_slow_full"):
         raise NeedsChoiceError(
@@ -702,9 +702,7 @@ def start_guidance(job: Job, settings, device: str, config: OptimiseConfig | Non
         # the parts' times go into the run's message: the H100 took 16-19 s here, which the
         # CPU's ~4 s (imports, then lazily mapped weights) does not explain
         started = time.perf_counter()
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
-
+        import_diffusion_libraries()
         imported = time.perf_counter()
         guidance = DepthControlledSDS.from_weights(weights, device, cfg)
         if device == "cuda":

@@ -434,6 +434,15 @@ def _check_compatible(unet_cfg: dict, cn_cfg: dict, text_dim: int, weights: Guid
                                 f"({unet_cfg.get('cross_attention_dim')})", "the model folder is inconsistent")
 
 
+def import_diffusion_libraries() -> None:
+    """Import diffusers and transformers, the latter's import-time warnings hushed: it warns about
+    image processors SD never uses (no torchvision), noise in the user's log. Only its warnings,
+    and only when the user has not chosen a verbosity."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+
+
 def load_guidance_pipeline(weights: GuidanceWeights, device: str | torch.device = "cpu",
                            dtype: torch.dtype | None = None, *, allow_unsafe: bool = False) -> GuidancePipeline:
     """Load the UNet, VAE, CLIP text encoder, tokenizer, noise schedule and ControlNet, frozen.
@@ -441,9 +450,7 @@ def load_guidance_pipeline(weights: GuidanceWeights, device: str | torch.device 
     ``dtype`` None: fp16 on CUDA, fp32 otherwise. Pickle-based files are refused unless
     ``allow_unsafe`` (even then they are read with ``torch.load(weights_only=True)``).
     """
-    # transformers warns at import about image processors SD never uses (no torchvision): noise
-    # in the user's log. Only its warnings are hushed, and only when the user has not chosen.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import_diffusion_libraries()
     from diffusers import (AutoencoderKL, ControlNetModel, DDPMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
     from diffusers.utils import logging as diffusers_logging
