@@ -77,6 +77,44 @@ def step_windows(progress: list[dict], every: int = 250) -> list[dict]:
     return rows
 
 
+def loop_timeline(events: list[dict]) -> dict:
+    """Where an optimise stage's time went, from its events (the last run in the stream): the
+    time to the first step (the models' load beside the problem build and distillation), the
+    loop, its median step, and what the steps that also wrote a preview mesh or a checkpoint
+    cost beyond a median step. A step's time is the gap to the progress event before it."""
+    import statistics
+
+    starts = [i for i, e in enumerate(events) if e["type"] == "stage" and e.get("stage") == "optimise"]
+    if not starts:
+        return {}
+    run = events[starts[-1]:]
+    gaps: dict[int, float] = {}
+    writes: dict[int, set] = {}
+    previous, pending = None, set()
+    for e in run:
+        if e["type"] == "progress" and e.get("stage") == "optimise":
+            if previous is not None:
+                gaps[e["step"]] = e["time"] - previous["time"]
+                writes[e["step"]] = pending
+            previous, pending = e, set()
+        elif e["type"] in ("mesh", "checkpoint") and previous is not None:
+            pending = pending | {e["type"]}
+    progress = [e for e in run if e["type"] == "progress" and e.get("stage") == "optimise"]
+    if len(progress) < 2:
+        return {}
+    plain = [g for s, g in gaps.items() if not writes[s]]
+    median = statistics.median(plain) if plain else 0.0
+
+    def extra(kind: str) -> float:
+        steps = [s for s, w in writes.items() if kind in w]
+        return round(sum(gaps[s] - median for s in steps), 2)
+
+    return {"to_first_step_s": round(progress[0]["time"] - run[0]["time"], 2),
+            "loop_s": round(progress[-1]["time"] - progress[0]["time"], 2),
+            "median_step_ms": round(1000 * median, 1),
+            "preview_extra_s": extra("mesh"), "checkpoint_extra_s": extra("checkpoint")}
+
+
 def summarise(events: list[dict]) -> dict:
     """Stage wall times, optimisation steps/s and memory from a job's events."""
     from zeroavatar_blender.evaluation.benchmark import stage_seconds
@@ -90,6 +128,7 @@ def summarise(events: list[dict]) -> dict:
         out["last_step"] = b["step"]
         out["total_steps"] = b.get("total")
         out["windows"] = step_windows(progress)
+        out["timeline"] = loop_timeline(events)
     dones = [e for e in events if e["type"] == "done"]  # one per engine process (optimise, finalise)
     for key in ("cuda_peak_mb", "cuda_reserved_peak_mb", "peak_rss_mb"):
         values = [e[key] for e in dones if key in e]

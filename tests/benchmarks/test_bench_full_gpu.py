@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.benchmarks.bench_full_gpu import step_windows
+from tests.benchmarks.bench_full_gpu import loop_timeline, step_windows
 
 
 def _progress(step: int, elapsed: float, spr: float) -> dict:
@@ -17,3 +17,24 @@ def test_step_windows_follow_the_pace_and_skip_a_resume_restart():
     assert [r["steps"] for r in rows] == ["1-250", "250-500", "501-750"]
     assert [r["ms_per_step"] for r in rows] == [100.0, 100.0, 200.0]
     assert rows[-1]["samples_per_ray"] == 40.0 and rows[-1]["occupied"] == 0.4
+
+
+def test_loop_timeline_splits_the_run_and_charges_previews_and_checkpoints():
+    """10 s to the first step, then 100 ms steps; the step that wrote a preview took 0.5 s more,
+    the one that wrote a checkpoint 0.3 s more. An earlier run in the stream is ignored."""
+    events = [{"type": "stage", "stage": "optimise", "time": 0.0},
+              {"type": "progress", "stage": "optimise", "step": 1, "time": 1.0}]  # an earlier run
+    t = 100.0
+    events.append({"type": "stage", "stage": "optimise", "time": t})
+    t += 10.0
+    for step in range(1, 101):
+        t += 0.1 + (0.5 if step == 40 else 0.0) + (0.3 if step == 80 else 0.0)
+        if step in (40, 80):  # written after the step before it, so charged to this step
+            events.append({"type": "mesh" if step == 40 else "checkpoint", "time": t - 0.05})
+        events.append({"type": "progress", "stage": "optimise", "step": step, "time": t})
+    tl = loop_timeline(events)
+    assert tl["to_first_step_s"] == 10.1
+    assert tl["loop_s"] == 10.7  # 99 gaps of 0.1 s, plus 0.5 and 0.3
+    assert tl["median_step_ms"] == 100.0
+    assert tl["preview_extra_s"] == 0.5 and tl["checkpoint_extra_s"] == 0.3
+    assert loop_timeline([{"type": "stage", "stage": "fit", "time": 0.0}]) == {}
