@@ -87,7 +87,7 @@ class OptimiseConfig:
     grid_blend: str = "matmul"  # the hash grid's corner blend on CUDA: "matmul" or "sum" (HashGridConfig.blend)
     channels_last: bool = False  # NHWC UNet, ControlNet and VAE (SDSConfig.channels_last)
     # the SDS's ControlNet + UNet pass replayed as one CUDA graph (guidance/cuda_graph.py): on an
-    # H100 the SDS step went 78 -> 43 ms and a whole `full` run's loop ~135 -> 92 ms a step, with
+    # H100 the SDS step went 78 -> 43 ms and a whole `full` run's loop 137 -> 87 ms a median step, with
     # the same gradient to the bit (docs/BENCHMARKS.md, 2026-11-27); the CPU ignores it
     cuda_graphs: bool = True
     # the most GPU memory (GiB) PyTorch's allocator may hold in this run: it frees its cache
