@@ -408,9 +408,10 @@ def test_the_run_configures_sds_annealing_clipping_scale_and_size():
 
 def test_full_run_loads_the_models_alongside_the_body_distillation(fitted_job, tmp_path):
     """`full` loads SD + ControlNet on a thread while the problem is built and the body distilled:
-    the run says how long it waited for them, a corrupt weight file still fails the run with the
-    loader's own message, and the loader leaves torch's global random generator alone (so the
-    main thread's draws cannot depend on timing)."""
+    the run says how long it waited for them, the next job in the process takes the same models
+    as they are, a corrupt weight file still fails the run with the loader's own message, and the
+    loader leaves torch's global random generator alone (so the main thread's draws cannot depend
+    on timing)."""
     from tests.engine.guidance.tiny_models import build_tiny_components, save_diffusers
     from zeroavatar_blender.engine.errors import BadInputError
     from zeroavatar_blender.engine.optimise import run_optimisation, start_guidance
@@ -442,6 +443,9 @@ def test_full_run_loads_the_models_alongside_the_body_distillation(fitted_job, t
     messages = [e["message"] for e in protocol.iter_events(job.layout.events) if e["type"] == "message"]
     assert any(m.startswith("Diffusion models loaded in") and "waited" in m and "(imports " in m
                and "weights to cpu" in m and "prompts" in m for m in messages), messages
+    job = full_run(sd_dir, "again")  # the next job of a batch: the same models, kept
+    messages = [e["message"] for e in protocol.iter_events(job.layout.events) if e["type"] == "message"]
+    assert any("models kept from the last job" in m for m in messages), messages
     with pytest.raises(BadInputError, match="could not load the UNet"):
         full_run(broken, "broken")
     full_run(sd_dir, "rng")

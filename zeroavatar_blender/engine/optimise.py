@@ -709,7 +709,8 @@ def start_guidance(job: Job, settings, device: str, config: OptimiseConfig | Non
             torch.cuda.synchronize()
         loaded = time.perf_counter()
         prompts = ViewPromptCache(guidance.pipe.encode_text, build_prompt(settings.prompt))
-        guidance.load_parts = {"imports": imported - started, f"weights to {device}": loaded - imported,
+        weights_part = "models kept from the last job" if guidance.reused_models else f"weights to {device}"
+        guidance.load_parts = {"imports": imported - started, weights_part: loaded - imported,
                                "prompts": time.perf_counter() - loaded}
         return guidance, prompts
 

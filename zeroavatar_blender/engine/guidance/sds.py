@@ -112,6 +112,7 @@ class DepthControlledSDS:
         self.graphed = None  # the captured diffusion pass, on CUDA with cfg.cuda_graphs
         self.graph_fallback = ""  # why the pass runs eagerly after all (a failed capture)
         self.load_parts: dict[str, float] = {}  # seconds of each part of loading it (optimise.start_guidance)
+        self.reused_models = False  # from_weights took the last job's models (pipeline_cache)
         if cfg.cuda_graphs and torch.device(pipeline.device).type == "cuda":
             from .cuda_graph import GraphedPass
 
@@ -120,9 +121,19 @@ class DepthControlledSDS:
     @classmethod
     def from_weights(cls, weights: GuidanceWeights, device: str | torch.device = "cpu",
                      config: SDSConfig | None = None, *, allow_unsafe: bool = False) -> "DepthControlledSDS":
+        """The SDS on these weights; the models of the process's last job when they match
+        (pipeline_cache: a batch loads them once). ``reused_models`` says which."""
+        from .pipeline_cache import kept_or_loaded, weights_key
+
         config = config or SDSConfig()
         dtype = default_dtype(device, config.half_precision)
-        return cls(load_guidance_pipeline(weights, device, dtype, allow_unsafe=allow_unsafe), config)
+        key = weights_key(weights, str(torch.device(device)), dtype, allow_unsafe, config.attention_slicing,
+                          config.vae_slicing, config.channels_last)
+        pipe, reused = kept_or_loaded(key, lambda: load_guidance_pipeline(weights, device, dtype,
+                                                                          allow_unsafe=allow_unsafe))
+        sds = cls(pipe, config)
+        sds.reused_models = reused
+        return sds
 
     # --- step-dependent settings ----------------------------------------------------------
     def timestep_range(self, step: int) -> tuple[int, int]:
