@@ -376,8 +376,8 @@ def read_heights(path: Path) -> dict[str, float]:
 
 def run_batch(args: argparse.Namespace) -> int:
     """One job per photo, in this process (the body model, the detector and the diffusion models
-    load once: guidance/pipeline_cache.py). A photo that
-    fails is reported and the batch goes on; the exit code is the first failure's, or 0."""
+    load once: guidance/pipeline_cache.py). A photo that fails is reported and the batch goes on;
+    the exit code is the first failure's, or 0."""
     photos: list[Path] = []
     for item in args.photos:
         if item.is_dir():
