@@ -64,8 +64,8 @@ def test_the_benchmark_runs_optimise_and_finalise_in_one_engine_process(anny_bod
     assert fit.returncode == 0, fit.stderr[-2000:]
     layouts = make_layouts(tmp_path / "weights")
     small = {"n_levels": 6, "log2_hashmap_size": 12, "max_resolution": 128, "n_samples": 24, "ref_resolution": 64,
-             "ref_rays": 256, "novel_resolution": 24, "distill_steps": 50, "mesh_every": 2, "mesh_resolution": 32,
-             "sds_resolution": 64}
+             "ref_rays": 256, "novel_resolution": 24, "distill_steps": 100, "mesh_every": 2, "mesh_resolution": 32,
+             "aabb_padding": 0.1, "sds_resolution": 64}  # test_optimise's TINY sizes
     out = tmp_path / "summary.json"
     args = ["--job", str(job), "--allow-cpu", "--weights", str(layouts.sd_dir.parent), "--steps", "3",
             "--json", str(out), "--timeout", "600"]

@@ -406,12 +406,12 @@ def test_the_run_configures_sds_annealing_clipping_scale_and_size():
     assert off.grad_clip is None and off.cuda_graphs and off.channels_last
 
 
-def test_full_run_loads_the_models_alongside_the_body_distillation(fitted_job, tmp_path):
-    """`full` loads SD + ControlNet on a thread while the problem is built and the body distilled:
-    the run says how long it waited for them, the next job in the process takes the same models
-    as they are, a corrupt weight file still fails the run with the loader's own message, and the
-    loader leaves torch's global random generator alone (so the main thread's draws cannot depend
-    on timing)."""
+def test_full_run_loads_the_models_first_and_a_later_job_keeps_them(fitted_job, tmp_path):
+    """`full` loads SD + ControlNet before it builds the problem (a load in fp16 switches torch's
+    process-wide default dtype while it builds a model, so nothing may be built beside it): the
+    run says how long each part took, the next job in the process takes the same models as they
+    are, a corrupt weight file still fails the run with the loader's own message, and the loader
+    leaves torch's global random generator alone."""
     from tests.engine.guidance.tiny_models import build_tiny_components, save_diffusers
     from zeroavatar_blender.engine.errors import BadInputError
     from zeroavatar_blender.engine.optimise import run_optimisation, start_guidance
@@ -441,8 +441,11 @@ def test_full_run_loads_the_models_alongside_the_body_distillation(fitted_job, t
 
     job = full_run(sd_dir, "good")
     messages = [e["message"] for e in protocol.iter_events(job.layout.events) if e["type"] == "message"]
-    assert any(m.startswith("Diffusion models loaded in") and "waited" in m and "(imports " in m
-               and "weights to cpu" in m and "prompts" in m for m in messages), messages
+    loaded = [i for i, m in enumerate(messages) if m.startswith("Diffusion models loaded in")]
+    assert len(loaded) == 1 and "(imports " in messages[loaded[0]] and "weights to cpu" in messages[loaded[0]]
+    assert "prompts" in messages[loaded[0]]
+    distilled = [i for i, m in enumerate(messages) if m.startswith("Field initialised from the body")]
+    assert distilled and loaded[0] < distilled[0], messages  # loaded before anything was built
     job = full_run(sd_dir, "again")  # the next job of a batch: the same models, kept
     messages = [e["message"] for e in protocol.iter_events(job.layout.events) if e["type"] == "message"]
     assert any("models kept from the last job" in m for m in messages), messages

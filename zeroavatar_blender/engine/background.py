@@ -1,11 +1,10 @@
-"""One function run on a thread while the caller does other work: its result, or its exception.
+"""One function run on a thread while the caller waits for it and keeps listening: its result,
+or its exception.
 
-Why: loading Stable Diffusion and the ControlNet takes seconds to tens of seconds (16.4 s of the
-H100 run of 2026-11-26: imports, reading 2.6 GB, moving it to the GPU), and none of it depends on
-the problem build and the body distillation that come before the first SDS step. Loading and
-reading files release the GIL, so the two overlap. The loader must not draw from torch's global
-random generator (the main thread's draws must not depend on timing); the diffusion loader
-does not (checked in test_optimise).
+Why: loading Stable Diffusion and the ControlNet takes seconds to tens of seconds (16-19 s on an
+H100), and a cancel must be heard meanwhile. (It once overlapped the problem build and the body
+distillation; optimise.load_guidance says why it no longer does.) The loader must not draw from
+torch's global random generator; the diffusion loader does not (checked in test_optimise).
 """
 
 from __future__ import annotations

@@ -730,6 +730,27 @@ def cap_gpu_memory(gib: float, device: str) -> str:
     return f"GPU memory capped at {min(gib, total / 2**30):.1f} GiB of the card's {total / 2**30:.1f} GiB"
 
 
+def load_guidance(job: Job, settings, device: str, config: OptimiseConfig) -> tuple[Any, Any]:
+    """The diffusion models and prompts, before anything else of the run is built.
+
+    Why not beside the problem build and the distillation, as from 2026-11-26: loading a model in
+    fp16 switches torch's process-wide default dtype while the model is constructed (diffusers
+    and transformers both do; a thread polling it saw float16), so tensors the main thread made
+    meanwhile could come out fp16. accelerate's empty-weight loading patches nn.Module globally
+    too. And the overlap did not pay: on an H100 the first step came as late as when the load ran
+    first (23.4-25.6 s against 23.8 s; both threads are Python-bound). The load still runs on a
+    thread, so a cancel is heard while it runs."""
+    loading = start_guidance(job, settings, device, config)
+    try:
+        guidance, prompts = loading.result(should_stop=lambda: job.cancel_requested)
+    except InterruptedError:
+        raise CancelledError("cancelled while loading the diffusion models",
+                             "start or resume the job again") from None
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in getattr(guidance, "load_parts", {}).items())
+    job.info(f"Diffusion models loaded in {loading.seconds:.1f} s ({parts})")
+    return guidance, prompts
+
+
 def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
     from .field_avatar import finalise_config
     from .pipeline import resolve_device
@@ -746,10 +767,10 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
         message = cap_gpu_memory(config.gpu_memory_gib, device)
         if message:
             job.info(message)
-    loading = None
-    if settings.quality == "full":
-        loading = start_guidance(job, settings, device, config)
     job.stage("optimise", f"Optimising the avatar ({settings.quality}, {config.steps} steps on {device})")
+    guidance = None
+    if settings.quality == "full":
+        guidance = load_guidance(job, settings, device, config)
     problem, _, _ = build_problem(job, settings, config)
     problem.extra["finalise_config"] = finalise_config(settings)  # previews are made like the final surface
     opt = Optimiser(job, problem)
@@ -762,16 +783,8 @@ def run_optimisation(job: Job, settings, *, resume: bool = False) -> None:
             clear_run(job)
             opt.initialise()
             opt.stream_mesh()
-        if loading is not None:
-            try:
-                opt.guidance, opt.prompts = loading.result(should_stop=lambda: job.cancel_requested)
-            except InterruptedError:
-                opt.checkpoint()  # the distilled field: a resume starts from it
-                raise CancelledError("cancelled while loading the diffusion models",
-                                     "resume the job to continue from this checkpoint") from None
-            parts = ", ".join(f"{k} {v:.1f} s" for k, v in getattr(opt.guidance, "load_parts", {}).items())
-            job.info(f"Diffusion models loaded in {loading.seconds:.1f} s ({parts}), alongside the body distillation "
-                     f"({loading.waited:.1f} s waited for them)")
+        if guidance is not None:
+            opt.guidance, opt.prompts = guidance
         started = time.time()
         first = opt.step
         while opt.step < config.steps:
