@@ -682,8 +682,8 @@ def sds_config(config: OptimiseConfig, seed: int):
 
 def start_guidance(job: Job, settings, device: str, config: OptimiseConfig | None = None):
     """Check that ``full`` can run and find its weights here (a missing weight or a CPU without
-    --allow-slow fails before any work), then load them on a thread: the problem build and the
-    body distillation do not need them (background.py). -> BackgroundCall of (guidance, prompts)."""
+    --allow-slow fails before any work), then load them on a thread (background.py), which
+    ``load_guidance`` waits for while it listens for a cancel. -> BackgroundCall of (guidance, prompts)."""
     from .background import BackgroundCall
     from .guidance.prompts import ViewPromptCache, build_prompt
     from .guidance.sds import DepthControlledSDS
