@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-from tests.benchmarks.bench_full_gpu import ROOT, loop_timeline, main, step_windows
+from tests.benchmarks.bench_full_gpu import loop_timeline, main, step_windows
+from tests.conftest import TINY
 
 
 def _progress(step: int, elapsed: float, spr: float) -> dict:
@@ -47,33 +44,20 @@ def test_loop_timeline_splits_the_run_and_charges_previews_and_checkpoints():
     assert loop_timeline([{"type": "stage", "stage": "fit", "time": 0.0}]) == {}
 
 
-def test_the_benchmark_runs_optimise_and_finalise_in_one_engine_process(anny_body, tmp_path):
+def test_the_benchmark_runs_optimise_and_finalise_in_one_engine_process(fitted_job, tmp_path):
     """What a GPU session relies on, at a size a CPU affords: the flags reach the copy's job.json,
     one `resume` process optimises and finalises, and the summary has the stages and timeline."""
-    from zeroavatar_blender.evaluation.synthetic import default_subjects, make_case, save_case
-
     from tests.engine.guidance.tiny_models import make_layouts
 
-    spec = next(s for s in default_subjects() if s.name == "standing_f")
-    spec.size = 256
-    case = save_case(make_case(anny_body, spec), tmp_path / "case")
-    job = tmp_path / "job"
-    fit = subprocess.run([sys.executable, "-m", "zeroavatar_blender.engine", "fit", str(case / "photo.png"), "--out",
-                          str(job), "--progress", "none"], env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                         capture_output=True, text=True, timeout=600)
-    assert fit.returncode == 0, fit.stderr[-2000:]
     layouts = make_layouts(tmp_path / "weights")
-    small = {"n_levels": 6, "log2_hashmap_size": 12, "max_resolution": 128, "n_samples": 24, "ref_resolution": 64,
-             "ref_rays": 256, "novel_resolution": 24, "distill_steps": 100, "mesh_every": 2, "mesh_resolution": 32,
-             "aabb_padding": 0.1, "sds_resolution": 64}  # test_optimise's TINY sizes
     out = tmp_path / "summary.json"
-    args = ["--job", str(job), "--allow-cpu", "--weights", str(layouts.sd_dir.parent), "--steps", "3",
+    args = ["--job", str(fitted_job), "--allow-cpu", "--weights", str(layouts.sd_dir.parent), "--steps", "3",
             "--json", str(out), "--timeout", "600"]
-    args += [a for k, v in small.items() for a in ("--set", f"{k}={v}")]
+    args += [a for k, v in {**TINY, "sds_resolution": 64}.items() for a in ("--set", f"{k}={v}")]
     assert main(args) == 0
     summary = json.loads(out.read_text())
     assert summary["status"] == ["ok"]  # one engine process: one done event
     assert summary["last_step"] == 3 and summary["meshes_streamed"] >= 2
     assert summary["stages_s"]["optimise"] > 0 and summary["stages_s"]["finalise"] > 0
     assert summary["timeline"]["loop_s"] > 0
-    assert not list(job.glob("checkpoints/*.pt")) and not (job / "result").exists()  # the fitted job is left as it was
+    assert not list(fitted_job.glob("checkpoints/*.pt")) and not (fitted_job / "result").exists()  # left as it was

@@ -18,32 +18,9 @@ from zeroavatar_blender import protocol
 from zeroavatar_blender.engine.errors import CancelledError, MissingModelError, NeedsChoiceError
 from zeroavatar_blender.engine.job import Job
 from zeroavatar_blender.engine.pipeline import JobSettings
+from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
-
-# A small field and few pixels: the code paths are the real ones, at a size a test can afford.
-TINY = dict(n_levels=6, log2_hashmap_size=12, max_resolution=128, n_samples=24, ref_resolution=64, ref_rays=256,
-            novel_resolution=24, distill_steps=100, mesh_every=2, mesh_resolution=32, checkpoint_every=3,
-            aabb_padding=0.1)
-
-
-@pytest.fixture(scope="module")
-def fitted_job(tmp_path_factory, anny_body) -> Path:
-    """A job folder after the real `fit` command on a synthetic full-body photo."""
-    from zeroavatar_blender.evaluation.synthetic import default_subjects, make_case, save_case
-
-    root = tmp_path_factory.mktemp("optimise")
-    spec = next(s for s in default_subjects() if s.name == "standing_f")
-    spec.size = 256
-    case = save_case(make_case(anny_body, spec), root / "case")
-    job = root / "job"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "zeroavatar_blender.engine", "fit", str(case / "photo.png"),
-                           "--out", str(job), "--progress", "none"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (job / "fit.json").exists() and (job / "fit_body" / "avatar.json").exists()
-    return job
-
 
 def copy_job(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("engine.lock"))
