@@ -70,7 +70,7 @@ def step_windows(progress: list[dict], every: int = 250) -> list[dict]:
             start = e
             continue
         if e["step"] // every > start["step"] // every:
-            rows.append({"steps": f"{start['step']}-{e['step']}",
+            rows.append({"steps": f"{start['step']}-{e['step']}", "mid_step": 0.5 * (start["step"] + e["step"]),
                          "ms_per_step": round(1000 * (e["elapsed"] - start["elapsed"]) / (e["step"] - start["step"]), 1),
                          "samples_per_ray": e.get("samples_per_ray"), "occupied": e.get("occupied")})
             start = e

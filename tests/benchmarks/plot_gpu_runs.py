@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from tests.benchmarks.bench_full_gpu import step_windows
+
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "docs" / "gpu_runs"
 
@@ -29,22 +31,6 @@ TOTALS = {"2026-11-26": [7.0, 16.4 + 7.4, 371.0, 80.5, 7.0],
           "2026-11-27": [4.9 + 0.8 + 6.8, 27.1, 228.5, 27.3, 7.4]}
 
 
-def pace(events: list[dict], window: int = 100) -> tuple[list[float], list[float]]:
-    """(window centre steps, ms a step) from thinned optimise progress events; a restart of the
-    clock (a resume) starts a new window."""
-    progress = [e for e in events if e["type"] == "progress" and e.get("stage") == "optimise"]
-    xs, ys, start = [], [], None
-    for e in progress:
-        if start is None or e["elapsed"] < start["elapsed"]:
-            start = e
-            continue
-        if e["step"] - start["step"] >= window:
-            xs.append(0.5 * (e["step"] + start["step"]))
-            ys.append(1000 * (e["elapsed"] - start["elapsed"]) / (e["step"] - start["step"]))
-            start = e
-    return xs, ys
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "gallery" / "gpu_full_run_h100.png")
@@ -57,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1.4, 1]})
     for label, name, colour in PACE:
         events = [json.loads(line) for line in (RUNS / name).read_text().splitlines() if line.strip()]
-        xs, ys = pace(events)
-        left.plot(xs, ys, label=label, color=colour, lw=2)
+        rows = step_windows([e for e in events if e["type"] == "progress" and e.get("stage") == "optimise"], every=100)
+        left.plot([r["mid_step"] for r in rows], [r["ms_per_step"] for r in rows], label=label, color=colour, lw=2)
     left.set_xlabel("optimisation step")
     left.set_ylabel("ms a step (100-step windows)")
     left.set_ylim(0, None)

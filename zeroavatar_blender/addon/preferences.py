@@ -195,7 +195,7 @@ def weights_args(prefs: Any) -> list[str]:
 
 def gpu_memory_args(prefs: Any) -> list[str]:
     """The engine's allocator cap (OptimiseConfig.gpu_memory_gib) when the user set a limit."""
-    limit = float(getattr(prefs, "gpu_memory_limit", 0.0) or 0.0)
+    limit = float(prefs.gpu_memory_limit)
     return ["--set", f"gpu_memory_gib={limit:g}"] if limit > 0 else []
 
 
