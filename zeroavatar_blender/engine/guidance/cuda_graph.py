@@ -9,8 +9,8 @@ graph's and is overwritten by the next replay (callers turn it into a new tensor
 
 A CUDA-only path (``SDSConfig.cuda_graphs``; a run turns it on with ``OptimiseConfig.cuda_graphs``:
 1.8x faster SDS steps on an H100, the same gradient to the bit; docs/BENCHMARKS.md). The graph
-keeps its own memory pool for the pass's activations: a whole H100 run reserved 13.6 GiB against
-12.9 GiB eager. A capture that fails (an operation that waits on the device inside
+keeps its own memory pool for the pass's activations: an H100 run reserved 13.6 GiB against 12.9
+GiB eager (to step 1828). A capture that fails (an operation that waits on the device inside
 diffusers) raises; ``DepthControlledSDS`` then runs the pass eagerly and says why once.
 """
 
