@@ -6,6 +6,7 @@
 # pass, corner blend, TF32, NHWC).
 # SETS="--set tf32=true ...": OptimiseConfig overrides for the full run (the winners); EXTRA_SETS
 # too, also with AUTO (e.g. EXTRA_SETS="--set gpu_memory_gib=11.5": does it fit a 12 GB card?).
+# GPU_TESTS=1: the gpu-marked tests last, in the time left.
 # AUTO=1 SKIP_PROFILE=1: the SDS step eager and as a CUDA graph in one process (bench_sds_gpu
 # --compare-graphs: speed ratio, same gradient, memory), then the full run with the graph (the
 # default) only when it was >5 % faster and agreed; the run's events come back in $OUT (KEEP_AVATAR=1: its avatar too;
@@ -83,5 +84,11 @@ if [ "${SKIP_SDS:-1}" = 0 ]; then
   t "GPU tests"
   timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/render/test_volume.py \
     tests/engine/guidance/test_sds.py tests/engine/test_transfer.py tests/engine/test_novel_views.py 2>&1 | tail -5
+fi
+if [ "${GPU_TESTS:-0}" = 1 ] && [ "$(left)" -gt 30 ]; then  # the gpu-marked tests, with what time is left
+  t "gpu-marked tests"
+  timeout $(( $(left) - 3 )) python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_optimise.py \
+    tests/engine/render/test_volume.py tests/engine/guidance/test_sds.py tests/engine/test_transfer.py \
+    tests/engine/test_novel_views.py tests/engine/render/test_raster.py 2>&1 | tail -8
 fi
 t "end"

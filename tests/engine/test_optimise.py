@@ -260,6 +260,24 @@ def test_a_gpu_memory_cap_is_checked_and_does_not_change_what_resumes():
     assert dataclasses.replace(cfg, gpu_memory_gib=11.0).fingerprint() == cfg.fingerprint()
 
 
+def test_a_gpu_memory_cap_names_the_card_by_index(monkeypatch):
+    """The run's device is plain "cuda"; torch's cap wants an index, and refused the bare device
+    on the H100 (2026-11-27: ValueError, the run would have died before loading anything). CUDA
+    cannot run here, so torch.cuda's three calls are stood in for; the gpu-marked test below
+    runs the real cap."""
+    from types import SimpleNamespace
+
+    from zeroavatar_blender.engine.optimise import cap_gpu_memory
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i: asked.append((f, i)))
+    assert cap_gpu_memory(8, "cuda") == "GPU memory capped at 8.0 GiB of the card's 80.0 GiB"
+    assert cap_gpu_memory(100, "cuda:1").endswith("capped at 80.0 GiB of the card's 80.0 GiB")
+    assert asked == [(0.1, 0), (1.0, 1)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_gpu_memory_cap_holds_on_the_gpu():

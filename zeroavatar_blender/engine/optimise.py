@@ -724,9 +724,11 @@ def cap_gpu_memory(gib: float, device: str) -> str:
         raise BadInputError(f"gpu_memory_gib={gib!r} is not a positive number of GiB", "e.g. --set gpu_memory_gib=11")
     if not device.startswith("cuda"):
         return ""
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()  # torch wants an index
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = min(1.0, gib * 2**30 / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return f"GPU memory capped at {min(gib, total / 2**30):.1f} GiB of the card's {total / 2**30:.1f} GiB"
 
 
