@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, **{key: parsed})
     guidance = prompts = None
     if args.quality == "full":
-        guidance, prompts = opt_mod._check_full_quality(job, settings, device, config)
+        guidance, prompts = opt_mod.load_guidance(job, settings, device, config)
     variant = {k: getattr(config, k) for k in opt_mod.LATER_SETTINGS}
     problem, _, _ = opt_mod.build_problem(job, settings, config)
     opt = opt_mod.Optimiser(job, problem, guidance, prompts)

@@ -14,7 +14,7 @@ from zeroavatar_blender.engine.errors import BadInputError
 def test_value_and_timing_come_back():
     call = BackgroundCall(lambda: (time.sleep(0.2), 42)[1])
     assert call.result() == 42
-    assert call.seconds >= 0.2 and 0.0 <= call.waited <= call.seconds + 0.1
+    assert call.seconds >= 0.2
 
 
 def test_the_exception_is_raised_in_the_caller_as_it_was():

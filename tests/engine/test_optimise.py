@@ -176,7 +176,7 @@ def test_sds_depth_source_switches_at_the_configured_step(fitted_job, tmp_path):
         settings = settings_for(job, 4, quality="full", depth_switch_step=0.5, sds_resolution=64)
         settings.sd_weights, settings.controlnet_weights = str(sd_dir), str(cn_dir)
         settings.extra["allow_slow_full"] = True
-        guidance, prompts = opt_mod._check_full_quality(job, settings, "cpu")
+        guidance, prompts = opt_mod.load_guidance(job, settings, "cpu")
         guidance.config.resolution = 64
         config = opt_mod.OptimiseConfig.for_quality("full", "cpu", 4)
         import dataclasses
@@ -336,7 +336,7 @@ def test_speed_knobs_reach_the_field_and_the_guidance(fitted_job, tmp_path):
         layouts = {}
         for nhwc in (False, True):
             config = dataclasses.replace(opt_mod.OptimiseConfig.for_quality("full", "cpu"), channels_last=nhwc)
-            guidance, _ = opt_mod._check_full_quality(job, settings, "cpu", config)
+            guidance, _ = opt_mod.load_guidance(job, settings, "cpu", config)
             layouts[nhwc] = [m.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
                              for m in (guidance.pipe.unet, guidance.pipe.controlnet)]
     finally:

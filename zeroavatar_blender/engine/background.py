@@ -1,7 +1,7 @@
 """One function run on a thread while the caller waits for it and keeps listening: its result,
 or its exception.
 
-Why: loading Stable Diffusion and the ControlNet takes seconds to tens of seconds (16-19 s on an
+Why: loading Stable Diffusion and the ControlNet takes seconds to tens of seconds (12 s on an
 H100), and a cancel must be heard meanwhile. (It once overlapped the problem build and the body
 distillation; optimise.load_guidance says why it no longer does.) The loader must not draw from
 torch's global random generator; the diffusion loader does not (checked in test_optimise).
@@ -23,7 +23,6 @@ class BackgroundCall(Generic[T]):
         self._value: T | None = None
         self._error: BaseException | None = None
         self.seconds = 0.0  # the call's own duration
-        self.waited = 0.0  # how long ``result`` blocked for it
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -40,13 +39,10 @@ class BackgroundCall(Generic[T]):
         """The function's value (its exception is raised here). ``should_stop`` is asked every
         0.1 s while waiting; when it says yes, ``InterruptedError`` is raised and the thread is
         left to finish on its own (a daemon: it does not keep the process alive)."""
-        started = time.perf_counter()
         while self._thread.is_alive():
             self._thread.join(0.1)
             if self._thread.is_alive() and should_stop is not None and should_stop():
-                self.waited += time.perf_counter() - started
                 raise InterruptedError("stopped while waiting for a background call")
-        self.waited += time.perf_counter() - started
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
