@@ -510,8 +510,13 @@ class Optimiser:
         if report.stopped:
             raise CancelledError("cancelled while initialising the field from the body (before any checkpoint)",
                                  "start the optimisation again")
+        if not math.isfinite(report.final_loss) or not all(bool(p.isfinite().all()) for p in self.field.parameters()):
+            raise EngineError(f"initialising the field from the body failed (loss {report.final_loss}, "
+                              f"{report.skipped} of {report.steps} steps not finite)",
+                              "start the optimisation again with another --seed")
         self.renderer.fill(self.field)
-        self.job.info(f"Field initialised from the body in {report.seconds:.1f} s (loss {report.final_loss:.3f})")
+        skipped = f"; {report.skipped} steps left out: loss not finite" if report.skipped else ""
+        self.job.info(f"Field initialised from the body in {report.seconds:.1f} s (loss {report.final_loss:.3f}{skipped})")
 
     # one step ----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:

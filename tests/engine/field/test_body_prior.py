@@ -188,3 +188,31 @@ def test_distillation_stops_when_asked():
     assert report.stopped and len(report.losses) == 3
     untouched = distill_body_prior(field, prior, v.astype(np.float32), DistillConfig(steps=4, batch_size=256))
     assert not untouched.stopped and len(untouched.losses) == 4
+
+
+def test_a_distillation_step_whose_density_overflows_is_left_out():
+    """exp of a raw density past ~88 is inf in fp32: its loss and gradient are not finite, and one
+    such Adam step made the whole field NaN. Such steps are left out and counted; the field stays
+    finite, and steps after the overflow train as before."""
+    import numpy as np
+
+    from zeroavatar_blender.engine.field import BodyPrior, BodyPriorConfig, DistillConfig, NeRFField, body_aabb, distill_body_prior
+    from tests.engine.field.distilled import SMALL_FIELD
+
+    v = np.array([[x, y, z] for x in (-0.2, 0.2) for y in (-0.1, 0.1) for z in (0.0, 1.0)], dtype=np.float64)
+    f = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
+                  [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+    prior = BodyPrior.from_mesh(v, f, BodyPriorConfig(grid_resolution=24))
+    field = NeRFField(body_aabb(v, 0.1), SMALL_FIELD)
+    last = field.density_mlp[-1]
+    with torch.no_grad():
+        last.bias.fill_(100.0)  # every density overflows
+    before = [p.detach().clone() for p in field.parameters()]
+    report = distill_body_prior(field, prior, v.astype(np.float32), DistillConfig(steps=3, batch_size=256))
+    assert report.skipped == 3 and report.losses == []
+    assert all(torch.equal(a, b) for a, b in zip(before, field.parameters()))
+    with torch.no_grad():
+        last.bias.fill_(0.0)
+    report = distill_body_prior(field, prior, v.astype(np.float32), DistillConfig(steps=3, batch_size=256))
+    assert report.skipped == 0 and len(report.losses) == 3 and all(np.isfinite(report.losses))
+    assert all(bool(p.isfinite().all()) for p in field.parameters())
