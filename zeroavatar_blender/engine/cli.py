@@ -6,6 +6,8 @@
     finalise JOB                 the rigged avatar bundle and its exports
     resume JOB                   continue an interrupted job from its last checkpoint
     batch PHOTO... --out DIR     many photos in one process (one job folder each, models loaded once)
+    check [--prepare]            what this machine can run (body model, GPU, weights); --prepare builds
+                                 the first-use items (Anny cache, nerfacc's GPU ray marcher) now
 
 Exit codes are protocol.EXIT_*; every run appends JSON events to JOB/events.jsonl.
 """
@@ -124,7 +126,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true")
     _add_lods_arg(p)
     _add_common(p)
+    p = sub.add_parser("check", help="what this machine can run, before a photo is spent on it")
+    p.add_argument("--quality", choices=QUALITIES, default="fast", help="the exit code says whether this one can run")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--body", choices=("anny", "smpl", "smplx"), default="anny")
+    p.add_argument("--body-model-path", default=None)
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--sd-weights", default=None)
+    p.add_argument("--controlnet-weights", default=None)
+    p.add_argument("--allow-slow", action="store_true", help="count quality full as runnable on the CPU")
+    p.add_argument("--prepare", action="store_true",
+                   help="build the Anny cache and nerfacc's CUDA ray marcher now, not in the first run")
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
     return parser
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from .setup_check import prepare, run_checks
+
+    try:
+        if args.prepare:
+            prepare(args.body, args.device, lambda text: print(text, file=sys.stderr, flush=True))
+        report = run_checks(device=args.device, body=args.body, body_model_path=args.body_model_path,
+                            allow_pickle=args.allow_pickle, sd_weights=args.sd_weights,
+                            controlnet_weights=args.controlnet_weights, allow_slow=args.allow_slow)
+    except EngineError as exc:
+        print(f"error: {exc}" + (f"\n  -> {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return exc.code
+    print("\n".join(report.lines()))
+    if args.json is not None:
+        from .job import atomic_write_json
+
+        try:
+            atomic_write_json(args.json, report.to_json())
+        except (OSError, EngineError) as exc:
+            print(f"error: cannot write {args.json}: {exc}", file=sys.stderr)
+            return protocol.EXIT_IO
+    return report.exit_code(args.quality)
 
 
 def _settings_from_args(args: argparse.Namespace, settings: JobSettings) -> JobSettings:
@@ -441,4 +479,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "batch":
         return run_batch(args)
+    if args.command == "check":
+        return run_check(args)
     return run(args)

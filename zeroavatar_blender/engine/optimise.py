@@ -680,6 +680,16 @@ def sds_config(config: OptimiseConfig, seed: int):
                      channels_last=config.channels_last, cuda_graphs=config.cuda_graphs)
 
 
+def full_on_this_device(device: str, allow_slow: bool) -> NeedsChoiceError | None:
+    """Why ``full`` should not start on ``device`` (the choices the user has), or None."""
+    if device == "cuda" or allow_slow:
+        return None
+    return NeedsChoiceError(
+        "quality 'full' runs Stable Diffusion at every step: about 45 s a step on this CPU, many hours a photo",
+        "choose one: --quality standard (no diffusion, minutes on a CPU); run on a machine with a CUDA GPU; "
+        "or add --allow-slow to run 'full' on the CPU anyway")
+
+
 def start_guidance(job: Job, settings, device: str, config: OptimiseConfig | None = None):
     """Check that ``full`` can run and find its weights here (a missing weight or a CPU without
     --allow-slow fails before any work), then load them on a thread (background.py), which
@@ -689,11 +699,9 @@ def start_guidance(job: Job, settings, device: str, config: OptimiseConfig | Non
     from .guidance.sds import DepthControlledSDS
     from .guidance.weights import find_guidance_weights, import_diffusion_libraries
 
-    if device != "cuda" and not settings.extra.get("allow_slow_full"):
-        raise NeedsChoiceError(
-            "quality 'full' runs Stable Diffusion at every step: about 45 s a step on this CPU, many hours a photo",
-            "choose one: --quality standard (no diffusion, minutes on a CPU); run on a machine with a CUDA GPU; "
-            "or add --allow-slow to run 'full' on the CPU anyway")
+    problem = full_on_this_device(device, bool(settings.extra.get("allow_slow_full")))
+    if problem is not None:
+        raise problem
     weights = find_guidance_weights(settings.sd_weights, settings.controlnet_weights)
     job.info(f"Guidance: {weights.description}")
     cfg = sds_config(config or OptimiseConfig.for_quality("full", device, settings.steps, settings.seed), settings.seed)

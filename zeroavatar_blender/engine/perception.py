@@ -162,6 +162,17 @@ def _pose_model(min_detection: float = MIN_DETECTION_CONFIDENCE, min_presence: f
     return model
 
 
+def load_pose_model() -> str:
+    """Load BlazePose as ``perceive`` does (MissingModelError when it cannot), for ``check``.
+    -> mediapipe's version."""
+    with _LOCK, quiet_native_logs():
+        _pose_model()
+        close_models()  # TF Lite announces itself on the first use and at the close: both hushed here
+    import mediapipe
+
+    return str(getattr(mediapipe, "__version__", "?"))
+
+
 def close_models() -> None:
     """Release the MediaPipe graphs (also run at exit)."""
     with _LOCK:

@@ -61,3 +61,25 @@ def cuda_marcher_status(on_message: Callable[[str], None] | None = None) -> tupl
             and shutil.which("nvcc") is not None and not _built_before():
         on_message(BUILD_MESSAGE)
     return _status()
+
+
+def cuda_marcher_readiness() -> tuple[str, str]:
+    """Without compiling: ("ready" | "will compile" | "unavailable" | "not needed", detail), for
+    ``check``. "will compile": the first GPU run spends about a minute on it unless it is built
+    ahead (``check --prepare``)."""
+    if not torch.cuda.is_available():
+        return "not needed", "no CUDA device: CPU runs use the dense sampler"
+    if _status.cache_info().currsize:
+        usable, reason = _status()
+        return ("ready", "built") if usable else ("unavailable", reason)
+    try:
+        from nerfacc import csrc  # noqa: F401
+        return "ready", "nerfacc wheel with its CUDA kernels"
+    except ImportError:
+        pass
+    if shutil.which("nvcc") is None:
+        return "unavailable", ("no nvcc on PATH: GPU runs use the slower dense sampler; install the CUDA toolkit "
+                               f"matching PyTorch's CUDA {torch.version.cuda} for the ray marcher")
+    if _built_before():
+        return "ready", "built before (torch extensions cache)"
+    return "will compile", "not built yet: the first GPU run compiles it (about a minute)"
