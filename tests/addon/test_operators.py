@@ -45,7 +45,7 @@ def test_registered(addon):
         panel = getattr(bpy.types, name)
         assert panel.bl_category == "ZeroAvatar" and panel.bl_space_type == "VIEW_3D" and panel.bl_region_type == "UI"
     for op in ("generate", "fit_body", "edit_pose", "optimise", "finalise", "resume", "cancel", "export_fbx",
-               "export_gltf", "install_engine", "dismiss_error", "open_job_folder"):
+               "export_gltf", "install_engine", "dismiss_error", "open_job_folder", "check_setup"):
         assert hasattr(bpy.types, f"ZEROAVATAR_OT_{op}"), op
     assert bpy.ops.zeroavatar.generate.poll()
     assert not bpy.ops.zeroavatar.cancel.poll()
@@ -350,6 +350,46 @@ def test_panels_draw_every_state(addon, fake_engine, tmp_path, anny_bundle):
     props.height = 1.62
     labels = " ".join(str(e[2].get("text")) for e in draw(panels.VIEW3D_PT_zeroavatar, ctx) if e[0] == "label")
     assert "again" not in labels
+
+
+def test_check_setup_asks_the_real_engine_and_the_preferences_show_its_report(addon):
+    """Check Setup runs the engine's `check` with these preferences, in the background, and the
+    preferences draw its report (what runs, what is missing and what to do)."""
+    from zeroavatar_blender.addon import preferences
+
+    addon.weights_source, addon.sd_folder = "FOLDER", "/nowhere/sd15"
+    assert bpy.ops.zeroavatar.check_setup.poll()
+    bpy.ops.zeroavatar.check_setup()
+    assert not bpy.ops.zeroavatar.check_setup.poll()  # one at a time
+    running = draw_preferences(addon)
+    assert any(e[0] == "label" and str(e[2].get("text")).startswith("Checking") for e in running)
+    deadline = time.monotonic() + 240
+    while preferences.CHECKER.poll().status == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    result = preferences.CHECKER.result
+    assert result is not None, preferences.CHECKER.error
+    assert result["can_run"]["fast"] and result["can_run"]["standard"] and not result["can_run"]["full"]
+    weights = next(c for c in result["checks"] if c["name"].startswith("diffusion weights"))
+    assert weights["status"] == "missing" and "/nowhere/sd15" in weights["detail"]  # the preference reached it
+    shown = draw_preferences(addon)
+    labels = [(str(e[2].get("text")), e[2].get("icon")) for e in shown if e[0] == "label"]
+    assert any(t.startswith("person detection:") and icon == "CHECKMARK" for t, icon in labels)
+    assert any(t.startswith("diffusion weights") and icon == "ERROR" for t, icon in labels)
+    assert ("Can run: Fast yes, Standard yes, Full no", None) in labels
+    assert ("operator", "zeroavatar.check_setup", "Prepare First Run") in shown
+
+
+def draw_preferences(prefs) -> list:
+    log: list = []
+
+    class Self:
+        layout = RecordingLayout(log)
+
+        def __getattr__(self, name):
+            return getattr(prefs, name)
+
+    type(prefs).draw(Self(), bpy.context)
+    return log
 
 
 # -- end to end with the real engine ------------------------------------------------------------

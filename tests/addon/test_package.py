@@ -74,7 +74,8 @@ def test_filtered_requirements():
 def test_installs_into_blender_and_runs_the_engine_from_there(extension_zip):
     report = package.install_check(extension_zip)
     assert package.install_errors(report) == [], report
-    for op in ("generate", "fit_body", "optimise", "finalise", "cancel", "export_fbx", "export_gltf", "install_engine"):
+    for op in ("generate", "fit_body", "optimise", "finalise", "cancel", "export_fbx", "export_gltf", "install_engine",
+               "check_setup"):
         assert op in report["operators"]
     assert report["preferences"] == "ZeroAvatarPreferences"
     assert report["jobs_root"].endswith("extensions/.user/user_default/zeroavatar_blender/jobs")

@@ -3,6 +3,7 @@ diffusion weights, device and default quality."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ class ZeroAvatarPreferences(bpy.types.AddonPreferences):
         if not bpy.app.online_access:
             box.label(text="Online access is off (Preferences > System): Install Engine is unavailable",
                       icon="INFO")
+        row = box.row()
+        row.operator("zeroavatar.check_setup", icon="VIEWZOOM").prepare = False
+        row.operator("zeroavatar.check_setup", text="Prepare First Run", icon="MODIFIER").prepare = True
+        draw_check(box.column(align=True))
 
         box = layout.box()
         box.label(text="Body and Quality", icon="OUTLINER_OB_ARMATURE")
@@ -315,8 +320,110 @@ class ZEROAVATAR_OT_redetect_engine(bpy.types.Operator):
         return {"FINISHED"}
 
 
+# -- Check setup ---------------------------------------------------------------------------------
+CHECK_ICONS = {"ok": "CHECKMARK", "note": "INFO", "missing": "ERROR"}
+
+
+def check_argv(python: str, prefs: Any, report: Path, prepare: bool) -> list[str]:
+    """The engine's ``check`` for these preferences (body, device, weights), writing ``report``."""
+    argv = [python, *client.engine_command("check", "--json", str(report), *body_args(prefs),
+                                           "--device", prefs.device, *weights_args(prefs))]
+    return argv + (["--prepare"] if prepare else [])
+
+
+class _Checker:
+    """The last "Check Setup": its engine process, then its report (the engine's JSON)."""
+
+    chain: client.CommandChain | None = None
+    report_path: Path | None = None
+    result: dict | None = None
+    error: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.chain is not None and self.chain.state.status == "running"
+
+    def poll(self) -> client.ChainState:
+        """Advance without blocking; once the engine is done, read its report."""
+        state = self.chain.poll() if self.chain is not None else client.ChainState()
+        if self.chain is not None and state.status != "running" and self.result is None and not self.error:
+            try:  # a nonzero exit only says the default quality cannot run; the report says why
+                self.result = json.loads(self.report_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self.error = (f"the engine's check did not finish ({state.status}, exit {state.exit_code}): "
+                              f"{state.last_line or 'no output'}; log: {self.chain.log_path}")
+        return state
+
+
+CHECKER = _Checker()
+
+
+def draw_check(col: Any) -> None:
+    if CHECKER.running:
+        col.label(text=f"Checking: {CHECKER.chain.state.last_line or 'starting the engine'}", icon="TIME")
+        return
+    if CHECKER.error:
+        col.label(text=CHECKER.error[:300], icon="ERROR")
+        return
+    if CHECKER.result is None:
+        return
+    for check in CHECKER.result.get("checks", []):
+        col.label(text=f"{check['name']}: {check['detail']}"[:300], icon=CHECK_ICONS.get(check["status"], "INFO"))
+        if check.get("fix"):
+            col.label(text=f"    {check['fix']}"[:300], icon="BLANK1")
+    runs = CHECKER.result.get("can_run", {})
+    col.label(text="Can run: " + ", ".join(f"{q.title()} {'yes' if ok else 'no'}" for q, ok in runs.items()))
+
+
+def _checker_timer() -> float | None:
+    try:
+        state = CHECKER.poll()
+        jobs.redraw()
+        if state.status != "running":
+            return None
+    except Exception:  # noqa: BLE001
+        log.exception("check timer")
+        return None
+    return 0.5
+
+
+class ZEROAVATAR_OT_check_setup(bpy.types.Operator):
+    bl_idname = "zeroavatar.check_setup"
+    bl_label = "Check Setup"
+    bl_description = ("Ask the engine what this machine can run with these preferences: body model, person "
+                      "detection, GPU, diffusion weights, exports (a few seconds; nothing is downloaded)")
+
+    prepare: BoolProperty(name="Prepare", default=False,
+                          description="Also build the first-use items now: the Anny body cache (about 90 s) "
+                                      "and, on a GPU, nerfacc's ray marcher (about a minute)")
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return not CHECKER.running
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        prefs = get_prefs(context)
+        try:
+            engine = find_engine(prefs)
+            folder = jobs.user_dir("setup_check")
+        except (client.EngineNotFoundError, OSError) as exc:
+            self.report({"ERROR"}, f"{exc}. Install the engine, or set Engine Python")
+            return {"CANCELLED"}
+        report = folder / "report.json"
+        report.unlink(missing_ok=True)
+        CHECKER.report_path, CHECKER.result, CHECKER.error = report, None, ""
+        label = "prepare the first run and check" if self.prepare else "check the setup"
+        CHECKER.chain = client.CommandChain([(label, check_argv(engine.path, prefs, report, self.prepare))],
+                                            folder / "check.log", cwd=folder,
+                                            env=client.engine_env(jobs.package_parent(), engine_env_extra(prefs)))
+        CHECKER.chain.start()
+        if not bpy.app.timers.is_registered(_checker_timer):
+            bpy.app.timers.register(_checker_timer, first_interval=0.5)
+        return {"FINISHED"}
+
+
 CLASSES = (ZeroAvatarPreferences, ZEROAVATAR_OT_install_engine, ZEROAVATAR_OT_cancel_install,
-           ZEROAVATAR_OT_redetect_engine)
+           ZEROAVATAR_OT_redetect_engine, ZEROAVATAR_OT_check_setup)
 
 
 def register() -> None:
@@ -329,5 +436,9 @@ def unregister() -> None:
         INSTALLER.chain.cancel()
     if bpy.app.timers.is_registered(_installer_timer):
         bpy.app.timers.unregister(_installer_timer)
+    if CHECKER.running:
+        CHECKER.chain.cancel()
+    if bpy.app.timers.is_registered(_checker_timer):
+        bpy.app.timers.unregister(_checker_timer)
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)
