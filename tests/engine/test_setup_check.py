@@ -100,3 +100,13 @@ def test_the_exit_code_is_the_first_check_that_stops_the_quality(quality, expect
                      Check("export", "note", "no bpy")])
     assert report.exit_code(quality) == expected
     assert report.can_run(quality) == (expected == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_device_and_the_ray_marcher_are_reported(tmp_path):
+    code, report, _ = check(tmp_path, "--device", "cuda")
+    checks = by_name(report)
+    assert code == protocol.EXIT_OK and checks["device"]["status"] == "ok" and "GiB" in checks["device"]["detail"]
+    assert checks["GPU ray marcher"]["status"] in ("ok", "note") and checks["GPU ray marcher"]["detail"]
+    assert "full" not in checks["device"]["blocks"]
