@@ -89,6 +89,6 @@ if [ "${GPU_TESTS:-0}" = 1 ] && [ "$(left)" -gt 30 ]; then  # the gpu-marked tes
   t "gpu-marked tests"
   timeout $(( $(left) - 3 )) python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_optimise.py \
     tests/engine/render/test_volume.py tests/engine/guidance/test_sds.py tests/engine/test_transfer.py \
-    tests/engine/test_novel_views.py tests/engine/render/test_raster.py 2>&1 | tail -8
+    tests/engine/test_novel_views.py tests/engine/render/test_raster.py tests/engine/test_setup_check.py 2>&1 | tail -8
 fi
 t "end"
