@@ -8,7 +8,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, StringProperty
@@ -249,17 +249,26 @@ class _Installer:
 INSTALLER = _Installer()
 
 
-def _installer_timer() -> float | None:
-    try:
-        st = INSTALLER.state
-        jobs.redraw()
-        if st.status != "running":
-            client._TORCH_PROBE.clear()
+def polling_timer(poll: Callable[[], client.ChainState], name: str,
+                  on_end: Callable[[], None] | None = None) -> Callable[[], float | None]:
+    """A bpy timer that advances a background command every 0.5 s and redraws until it ends."""
+    def timer() -> float | None:
+        try:
+            state = poll()
+            jobs.redraw()
+            if state.status != "running":
+                if on_end is not None:
+                    on_end()
+                return None
+        except Exception:  # noqa: BLE001
+            log.exception(name)
             return None
-    except Exception:  # noqa: BLE001
-        log.exception("installer timer")
-        return None
-    return 0.5
+        return 0.5
+
+    return timer
+
+
+_installer_timer = polling_timer(lambda: INSTALLER.state, "installer timer", lambda: client._TORCH_PROBE.clear())
 
 
 class ZEROAVATAR_OT_install_engine(bpy.types.Operator):
@@ -375,16 +384,7 @@ def draw_check(col: Any) -> None:
     col.label(text="Can run: " + ", ".join(f"{q.title()} {'yes' if ok else 'no'}" for q, ok in runs.items()))
 
 
-def _checker_timer() -> float | None:
-    try:
-        state = CHECKER.poll()
-        jobs.redraw()
-        if state.status != "running":
-            return None
-    except Exception:  # noqa: BLE001
-        log.exception("check timer")
-        return None
-    return 0.5
+_checker_timer = polling_timer(CHECKER.poll, "check timer")
 
 
 class ZEROAVATAR_OT_check_setup(bpy.types.Operator):
