@@ -110,3 +110,12 @@ def test_on_a_gpu_the_device_and_the_ray_marcher_are_reported(tmp_path):
     assert code == protocol.EXIT_OK and checks["device"]["status"] == "ok" and "GiB" in checks["device"]["detail"]
     assert checks["GPU ray marcher"]["status"] in ("ok", "note") and checks["GPU ray marcher"]["detail"]
     assert "full" not in checks["device"]["blocks"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CPU-only torch")
+def test_asking_for_cuda_without_one_is_a_choice_for_every_quality(tmp_path):
+    """The same answer a run gets: not a bug (exit 1), a choice (9) that names the way out."""
+    code, report, _ = check(tmp_path, "--device", "cuda")
+    device = by_name(report)["device"]
+    assert code == protocol.EXIT_NEEDS_CHOICE and device["code"] == protocol.EXIT_NEEDS_CHOICE
+    assert "--device auto or cpu" in device["fix"] and report["can_run"] == dict.fromkeys(("fast", "standard", "full"), False)

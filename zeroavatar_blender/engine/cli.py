@@ -151,7 +151,7 @@ def run_check(args: argparse.Namespace) -> int:
                             allow_pickle=args.allow_pickle, sd_weights=args.sd_weights,
                             controlnet_weights=args.controlnet_weights, allow_slow=args.allow_slow)
     except EngineError as exc:
-        print(f"error: {exc}" + (f"\n  -> {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)  # the message, then its hint
         return exc.code
     print("\n".join(report.lines()))
     if args.json is not None:

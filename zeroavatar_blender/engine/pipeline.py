@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import protocol
-from .errors import BadInputError, EngineError
+from .errors import BadInputError, NeedsChoiceError
 from .job import Job, atomic_save, atomic_write_json, output_error
 
 QUALITIES = ("fast", "standard", "full")
@@ -76,7 +76,7 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise EngineError("--device cuda was asked for but this Python's torch sees no CUDA GPU",
+        raise NeedsChoiceError("--device cuda was asked for but this Python's torch sees no CUDA GPU",
                           "use --device auto or cpu, or install a CUDA build of torch in the engine environment")
     return requested
 

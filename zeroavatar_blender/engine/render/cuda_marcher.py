@@ -31,6 +31,12 @@ def _built_before() -> bool:
     return os.path.isdir(folder) and bool(os.listdir(folder))
 
 
+def _no_nvcc() -> str:
+    return ("nerfacc's CUDA ray marcher needs the CUDA toolkit's nvcc to compile on first use, and none is on "
+            f"PATH (GPU runs use the slower dense sampler); install the CUDA toolkit matching your PyTorch build "
+            f"(CUDA {torch.version.cuda}) for faster GPU runs")
+
+
 @lru_cache(maxsize=1)
 def _status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
@@ -41,9 +47,7 @@ def _status() -> tuple[bool, str]:
     except ImportError:
         pass
     if shutil.which("nvcc") is None:
-        return False, ("nerfacc's CUDA ray marcher needs the CUDA toolkit's nvcc to compile on first use, "
-                       "and none is on PATH; install the CUDA toolkit matching your PyTorch build "
-                       f"(CUDA {torch.version.cuda}) for faster GPU runs")
+        return False, _no_nvcc()
     try:
         from nerfacc.cuda._backend import _C
     except Exception as exc:  # a compiler error: the toolkit is there but cannot build nerfacc
@@ -78,8 +82,7 @@ def cuda_marcher_readiness() -> tuple[str, str]:
     except ImportError:
         pass
     if shutil.which("nvcc") is None:
-        return "unavailable", ("no nvcc on PATH: GPU runs use the slower dense sampler; install the CUDA toolkit "
-                               f"matching PyTorch's CUDA {torch.version.cuda} for the ray marcher")
+        return "unavailable", _no_nvcc()
     if _built_before():
         return "ready", "built before (torch extensions cache)"
     return "will compile", "not built yet: the first GPU run compiles it (about a minute)"
