@@ -31,6 +31,15 @@ def _built_before() -> bool:
     return os.path.isdir(folder) and bool(os.listdir(folder))
 
 
+def _packaged_kernels() -> bool:
+    """A nerfacc wheel built with its kernels: nothing to compile."""
+    try:
+        from nerfacc import csrc  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _no_nvcc() -> str:
     return ("nerfacc's CUDA ray marcher needs the CUDA toolkit's nvcc to compile on first use, and none is on "
             f"PATH (GPU runs use the slower dense sampler); install the CUDA toolkit matching your PyTorch build "
@@ -41,11 +50,8 @@ def _no_nvcc() -> str:
 def _status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device"
-    try:
-        from nerfacc import csrc  # noqa: F401  (a nerfacc wheel built with its kernels)
+    if _packaged_kernels():
         return True, ""
-    except ImportError:
-        pass
     if shutil.which("nvcc") is None:
         return False, _no_nvcc()
     try:
@@ -76,11 +82,8 @@ def cuda_marcher_readiness() -> tuple[str, str]:
     if _status.cache_info().currsize:
         usable, reason = _status()
         return ("ready", "built") if usable else ("unavailable", reason)
-    try:
-        from nerfacc import csrc  # noqa: F401
+    if _packaged_kernels():
         return "ready", "nerfacc wheel with its CUDA kernels"
-    except ImportError:
-        pass
     if shutil.which("nvcc") is None:
         return "unavailable", _no_nvcc()
     if _built_before():
